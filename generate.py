@@ -1,0 +1,154 @@
+"""Generate text with a Qwen3 checkpoint through the paged KV cache.
+
+  python generate.py --model DIR --prompt "..." [--prompt "..."] [--chat] [--temperature 0.7]
+
+Prompts are prefilled one by one (dense), then decoded together as a ragged batch: one
+new token per live sequence per step; a sequence that hits EOS frees its pages while the
+others go on.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+import model as M
+
+
+def load_tokenizer(path):
+    from tokenizers import Tokenizer
+    f = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"{path}: no tokenizer.json, needed to encode text prompts")
+    return Tokenizer.from_file(f)
+
+
+def eos_ids(path):
+    """EOS token ids from generation_config.json, else config.json."""
+    for name in ("generation_config.json", "config.json"):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            with open(f) as fh:
+                eos = json.load(fh).get("eos_token_id")
+            if eos is not None:
+                return set(eos) if isinstance(eos, list) else {eos}
+    return set()
+
+
+def chat_prompt(text, think=True):
+    """The Qwen3 chat template for one user turn; thinking off adds an empty think block."""
+    s = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    return s if think else s + "<think>\n\n</think>\n\n"
+
+
+def sample(logits, temperature, top_p, generator):
+    """logits [B, V] -> token ids [B]. temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p > top_p              # keep the smallest set with mass >= top_p
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    choice = torch.multinomial(sorted_p.cpu(), 1, generator=generator).to(logits.device)
+    return order.gather(-1, choice)[:, 0]
+
+
+def generate(model, cache, prompts, max_new_tokens, eos=(), temperature=0.0, top_p=1.0, seed=0,
+             select=None, on_token=None):
+    """prompts: lists of token ids -> lists of generated ids (EOS included when hit)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = [[] for _ in prompts]
+    last = [model.prefill(ids, i, cache, select) for i, ids in enumerate(prompts)]
+    live = list(range(len(prompts)))
+    logits = torch.stack(last)
+    while live:
+        tokens = sample(logits, temperature, top_p, generator).tolist()
+        still = []
+        for i, t in zip(live, tokens):
+            out[i].append(t)
+            if on_token:
+                on_token(i, t)
+            if t in eos or len(out[i]) >= max_new_tokens:
+                cache.release(i)                                  # finished: its pages go back
+            else:
+                still.append(i)
+        live = still
+        if live:
+            logits = model.decode([out[i][-1] for i in live], live, cache, select)
+    return out
+
+
+def pages_needed(prompts, max_new_tokens, page_size):
+    return sum(-(-(len(p) + max_new_tokens) // page_size) for p in prompts)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="Hugging Face Qwen3 folder (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the Qwen3 chat template")
+    p.add_argument("--no-think", action="store_true", help="with --chat: thinking mode off (empty think block)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="stop each sequence after this many new tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--block-size", type=int, default=64, help="KV page size in tokens")
+    p.add_argument("--num-pages", type=int, default=0, help="KV pages in the pool (0 = just enough for the prompts)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights and cache dtype (default: bfloat16 on cuda, float32 on cpu)")
+    args = p.parse_args(argv)
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        if not os.path.isfile(args.prompts_file):
+            raise SystemExit(f"error: --prompts-file {args.prompts_file} does not exist")
+        with open(args.prompts_file) as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    if args.max_new_tokens < 1:
+        raise SystemExit("error: --max-new-tokens must be >= 1")
+    try:
+        dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+        net = M.Qwen3.from_pretrained(args.model, device=args.device, dtype=dtype)
+        tok = load_tokenizer(args.model)
+        texts = [chat_prompt(t, not args.no_think) if args.chat else t for t in prompts]
+        ids = [tok.encode(t).ids for t in texts]
+        for i, x in enumerate(ids):
+            if not x:
+                raise ValueError(f"prompt {i} is empty after tokenization")
+        num_pages = args.num_pages or pages_needed(ids, args.max_new_tokens, args.block_size)
+        cache = M.PagedKVCache(net.config, num_pages, args.block_size, args.device, dtype)
+        stream = len(ids) == 1
+        printed = [""]
+
+        def on_token(i, t, seen=[]):
+            seen.append(t)
+            text = tok.decode(seen)
+            sys.stdout.write(text[len(printed[0]):])
+            sys.stdout.flush()
+            printed[0] = text
+
+        t0 = time.perf_counter()
+        out = generate(net, cache, ids, args.max_new_tokens, eos_ids(args.model), args.temperature,
+                       args.top_p, args.seed, on_token=on_token if stream else None)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    except (FileNotFoundError, ValueError, M.CacheFull) as e:
+        raise SystemExit(f"error: {e}")
+    if stream:
+        print()
+    else:
+        for i, o in enumerate(out):
+            print(f"--- [{i}] {prompts[i]!r}\n{tok.decode(o)}")
+    n_gen = sum(len(o) for o in out)
+    print(f"[prompt tokens {sum(map(len, ids))} | generated tokens {n_gen} | {n_gen / dt:.1f} tokens/s]")
+
+
+if __name__ == "__main__":
+    main()

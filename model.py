@@ -1,0 +1,345 @@
+"""Qwen3 in plain PyTorch, with a paged KV cache for ragged-batch decoding.
+
+Follows Hugging Face's Qwen3 (SPEC §1): RMSNorm in float32, q_norm/k_norm per head
+before RoPE (rotate-half), GQA, SwiGLU MLP, tied or untied lm_head. Module names are
+Hugging Face's minus the leading "model.", so checkpoints map one to one.
+
+Shapes: B batch, T tokens, Hq/Hk query/KV heads, D head_dim, G = Hq // Hk,
+P pages in the pool, S page size (= gate block size), NB blocks of a sequence.
+
+Three ways to run it:
+  model(input_ids)                  dense causal forward, no cache -> logits [B, T, V]
+  model.prefill(ids, seq_id, cache) one prompt into the cache     -> last logits [V]
+  model.decode(tokens, seq_ids, cache, select) one token for each live sequence -> [B, V]
+Attention at decode goes through `decode_attention` (page tables, lengths, and an
+optional list of selected blocks per KV head), the one place a sparse selector and the
+TileLang kernel plug in.
+"""
+import json
+import math
+import os
+from collections import deque
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Qwen3Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    max_position_embeddings: int = 40960
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):  # transformers >= 5
+            d["rope_theta"] = d["rope_parameters"].get("rope_theta", 1e6)
+        d.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def to_hf_dict(self):
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
+                "attention_bias": False, "torch_dtype": "float32", **d}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions, dim, theta, dtype):
+    """positions [...] -> cos, sin [..., dim] (angles in float32, as Hugging Face does)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    angles = positions.float()[..., None] * inv_freq             # [..., dim/2]
+    angles = torch.cat([angles, angles], dim=-1)                 # [..., dim]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [..., H, dim]; cos/sin [..., dim] broadcast over heads. rotate_half convention."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[..., None, :] + torch.cat([-x2, x1], dim=-1) * sin[..., None, :]
+
+
+def decode_attention_ref(q, k_pages, v_pages, block_table, lengths, blocks=None, scale=None):
+    """Paged decode attention in plain PyTorch (the reference the kernel is checked against).
+
+    q [B, Hq, D]; k_pages, v_pages [P, S, Hk, D]; block_table [B, NB] int32 (logical block ->
+    page; entries past a sequence's end are ignored); lengths [B] tokens incl. the new one;
+    blocks None (dense) or [B, Hk, K] logical block ids, -1 = padding. Returns [B, Hq, D].
+    """
+    B, Hq, D = q.shape
+    S, Hk = k_pages.shape[1], k_pages.shape[2]
+    NB = block_table.shape[1]
+    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    pages = block_table.long().clamp(0, k_pages.shape[0] - 1)
+    k = k_pages[pages].reshape(B, NB * S, Hk, D)                 # [B, NB*S, Hk, D]
+    v = v_pages[pages].reshape(B, NB * S, Hk, D)
+    pos = torch.arange(NB * S, device=q.device)
+    keep = (pos[None, :] < lengths[:, None].long())[:, None, :]  # [B, 1, NB*S]
+    if blocks is not None:                                       # [B, Hk, NB] block mask
+        chosen = torch.zeros(B, Hk, NB + 1, dtype=torch.bool, device=q.device)
+        chosen.scatter_(2, torch.where(blocks < 0, NB, blocks).long(), True)
+        keep = keep & chosen[:, :, :NB].repeat_interleave(S, dim=2)  # [B, Hk, NB*S]
+    v = torch.where(keep.transpose(1, 2)[..., None], v, 0)      # unwritten slots may hold NaN
+    qg = q.view(B, Hk, Hq // Hk, D).float()
+    scores = torch.einsum("bhgd,bthd->bhgt", qg, k.float()) * scale  # [B, Hk, G, NB*S]
+    scores = scores.masked_fill(~keep[:, :, None, :], float("-inf"))
+    out = torch.einsum("bhgt,bthd->bhgd", scores.softmax(-1), v.float())
+    return out.reshape(B, Hq, D).to(q.dtype)
+
+
+decode_attention = decode_attention_ref  # generate.py swaps in the TileLang kernel on CUDA
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hq, self.hk, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.hq * self.d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.hk * self.d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.hk * self.d, bias=False)
+        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, step=None):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.hq, self.d))  # pre-RoPE: what the gate reads
+        k = self.k_norm(self.k_proj(x).view(B, T, self.hk, self.d))
+        v = self.v_proj(x).view(B, T, self.hk, self.d)
+        qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)    # [B, T, H, D]
+        if step is not None:                                          # write K (post-RoPE) and V
+            step.cache.write(self.layer_idx, step.slots, kr.flatten(0, 1), v.flatten(0, 1))
+            if step.select is not None:
+                step.select.on_write(self.layer_idx, step, k.flatten(0, 1), kr.flatten(0, 1))
+        if step is None or step.block_table is None:                  # dense causal over these T tokens
+            o = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=True).transpose(1, 2)
+        else:                                                         # decode: T == 1, through the pages
+            blocks = step.select(self.layer_idx, step, q[:, 0], qr[:, 0]) if step.select is not None else None
+            o = decode_attention(qr[:, 0], step.cache.k[self.layer_idx], step.cache.v[self.layer_idx],
+                                 step.block_table, step.lengths, blocks)[:, None]
+        return self.o_proj(o.reshape(B, T, self.hq * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, step=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class Step:
+    """What every layer of one cached forward shares (nano-vllm's context object)."""
+    cache: "PagedKVCache"
+    slots: torch.Tensor                 # [N] flat slot (page * S + offset) of each new token
+    positions: torch.Tensor             # [N] position of each new token
+    block_table: torch.Tensor = None    # [B, NB] int32, decode only
+    lengths: torch.Tensor = None        # [B] int32 tokens incl. the new one, decode only
+    select: object = None               # a selector from gate.py, or None for dense
+
+
+class Qwen3(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def logits(self, x):
+        x = self.norm(x)
+        return x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)
+
+    def hidden(self, input_ids, positions, step=None):
+        x = self.embed_tokens(input_ids)                              # [B, T, hidden]
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, step)
+        return x
+
+    def forward(self, input_ids):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        return self.logits(self.hidden(input_ids, positions))
+
+    @torch.no_grad()
+    def prefill(self, ids, seq_id, cache, select=None):
+        """Dense causal forward of one prompt (list of ids), K/V written to fresh pages -> logits [V]."""
+        if len(ids) == 0:
+            raise ValueError("empty prompt: give at least one token")
+        if len(ids) > self.config.max_position_embeddings:
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds max_position_embeddings "
+                             f"({self.config.max_position_embeddings})")
+        cache.reserve(seq_id, len(ids))
+        device = cache.k.device
+        positions = torch.arange(len(ids), device=device)
+        step = Step(cache, cache.slots(seq_id, positions), positions, select=select)
+        x = self.hidden(torch.tensor([ids], device=device), positions[None], step)
+        return self.logits(x[0, -1])
+
+    @torch.no_grad()
+    def decode(self, tokens, seq_ids, cache, select=None):
+        """One new token for each live sequence (ragged lengths) -> logits [B, V]."""
+        positions = []
+        for sid in seq_ids:
+            positions.append(cache.lengths[sid])
+            if positions[-1] >= self.config.max_position_embeddings:
+                raise ValueError(f"sequence {sid} reached max_position_embeddings "
+                                 f"({self.config.max_position_embeddings})")
+            cache.reserve(sid, positions[-1] + 1)
+        device = cache.k.device
+        positions = torch.tensor(positions, device=device)
+        block_table = cache.block_table(seq_ids)
+        slots = block_table.gather(1, (positions // cache.page_size)[:, None].int())[:, 0].long()
+        slots = slots * cache.page_size + positions % cache.page_size
+        step = Step(cache, slots, positions, block_table, (positions + 1).int(), select)
+        x = self.hidden(torch.as_tensor(tokens, device=device)[:, None], positions[:, None], step)
+        return self.logits(x[:, 0])
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None):
+        """Load a Hugging Face Qwen3 folder (config.json + one or sharded safetensors)."""
+        from safetensors import safe_open
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{path}: no config.json there (expected a Hugging Face model folder)")
+        with open(cfg_path) as f:
+            raw = json.load(f)
+        if raw.get("model_type") != "qwen3" and "Qwen3ForCausalLM" not in raw.get("architectures", []):
+            raise ValueError(f"{cfg_path}: model_type {raw.get('model_type')!r} is not qwen3")
+        cfg = Qwen3Config.from_dict(raw)
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.isfile(os.path.join(path, "model.safetensors")):
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        state = {}
+        for fname in files:
+            with safe_open(os.path.join(path, fname), framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    key = name.removeprefix("model.")
+                    if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                        continue  # some tied checkpoints still store a copy
+                    state[key] = f.get_tensor(name)
+        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not match the config: missing {missing[:4]}"
+                             f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                             f"{' ...' if len(unexpected) > 4 else ''}")
+        for key, t in state.items():
+            if t.shape != expected[key]:
+                raise ValueError(f"{path}: weight {key} has shape {tuple(t.shape)}, "
+                                 f"config says {tuple(expected[key])}")
+        dtype = dtype or next(iter(state.values())).dtype
+        model.load_state_dict({k: t.to(dtype) for k, t in state.items()}, assign=True)
+        return model.eval()
+
+    def save_pretrained(self, path):
+        """Write config.json + model.safetensors (Hugging Face layout), atomically."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        state = {"model." + k if not k.startswith("lm_head") else k: t.detach().contiguous().cpu()
+                 for k, t in self.state_dict().items()}
+        tmp = os.path.join(path, "model.safetensors.tmp")
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(path, "model.safetensors"))
+        with open(os.path.join(path, "config.json.tmp"), "w") as f:
+            json.dump(self.config.to_hf_dict(), f, indent=2)
+        os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+
+
+class CacheFull(RuntimeError):
+    pass
+
+
+class PagedKVCache:
+    """One pool of pages per layer for K (post-RoPE) and V, a free list, and per sequence
+    a page table and a length. Pooled keys for the gate and Quest live beside the pages
+    (gate.py allocates them in `cache.pooled`)."""
+
+    def __init__(self, cfg, num_pages, page_size=64, device="cpu", dtype=torch.float32):
+        if num_pages < 1 or page_size < 1:
+            raise ValueError(f"need num_pages >= 1 and page_size >= 1, got {num_pages} and {page_size}")
+        L, Hk, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        self.page_size, self.num_pages = page_size, num_pages
+        self.k = torch.empty(L, num_pages, page_size, Hk, D, device=device, dtype=dtype)
+        self.v = torch.empty(L, num_pages, page_size, Hk, D, device=device, dtype=dtype)
+        self.free = deque(range(num_pages))
+        self.pages = {}      # seq_id -> [physical page of logical block 0, 1, ...]
+        self.lengths = {}    # seq_id -> tokens written
+        self.pooled = None   # gate.py: per-page pooled keys, indexed like the pages
+
+    def reserve(self, seq_id, n_tokens):
+        """Make seq_id own enough pages for n_tokens, and set its length to n_tokens."""
+        pages = self.pages.setdefault(seq_id, [])
+        need = -(-n_tokens // self.page_size) - len(pages)
+        if need > len(self.free):
+            raise CacheFull(f"KV cache out of pages: sequence {seq_id} needs {need} more page(s) of "
+                               f"{self.page_size} tokens, {len(self.free)} of {self.num_pages} are free; "
+                               f"raise --num-pages (or free finished sequences)")
+        pages.extend(self.free.popleft() for _ in range(max(need, 0)))
+        self.lengths[seq_id] = n_tokens
+
+    def release(self, seq_id):
+        self.free.extend(self.pages.pop(seq_id))
+        del self.lengths[seq_id]
+
+    def slots(self, seq_id, positions):
+        pages = torch.tensor(self.pages[seq_id], device=positions.device)
+        return pages[positions // self.page_size] * self.page_size + positions % self.page_size
+
+    def block_table(self, seq_ids):
+        nb = max(len(self.pages[s]) for s in seq_ids)
+        table = [self.pages[s] + [0] * (nb - len(self.pages[s])) for s in seq_ids]
+        return torch.tensor(table, dtype=torch.int32, device=self.k.device)  # [B, NB]
+
+    def write(self, layer, slots, k, v):
+        """k, v [N, Hk, D] into flat slots [N]."""
+        self.k[layer].view(-1, *k.shape[1:])[slots] = k.to(self.k.dtype)
+        self.v[layer].view(-1, *v.shape[1:])[slots] = v.to(self.v.dtype)
