@@ -14,6 +14,7 @@ import time
 
 import torch
 
+import gate as GT
 import model as M
 
 
@@ -80,6 +81,22 @@ def generate(model, cache, prompts, max_new_tokens, eos=(), temperature=0.0, top
     return out
 
 
+def use_kernel(kind, device):
+    """Point model.decode_attention at the TileLang kernel or the PyTorch reference."""
+    if kind == "tilelang" and not device.startswith("cuda"):
+        raise ValueError("--kernel tilelang runs on cuda only; use --device cuda or --kernel torch")
+    want = kind == "tilelang" or (kind == "auto" and device.startswith("cuda"))
+    if want:
+        try:
+            import kernel_decode
+            M.decode_attention = kernel_decode.decode_attention
+            return
+        except ImportError as e:
+            if kind == "tilelang":
+                raise ValueError(f"--kernel tilelang needs tilelang and CUDA: {e}")
+    M.decode_attention = M.decode_attention_ref
+
+
 def pages_needed(prompts, max_new_tokens, page_size):
     return sum(-(-(len(p) + max_new_tokens) // page_size) for p in prompts)
 
@@ -95,7 +112,17 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--block-size", type=int, default=64, help="KV page size in tokens")
+    p.add_argument("--attn", default="dense", choices=GT.SELECTORS,
+                   help="which KV blocks each decode step reads: all (dense), the gate's top blocks (seer), "
+                        "Quest's bound, the exact attention's top blocks (oracle), or the most recent (window)")
+    p.add_argument("--gate", help="gate folder (config.json + safetensors) for --attn seer")
+    p.add_argument("--budget", type=int, help="KV tokens per step and KV head (a multiple of --block-size), "
+                                              "on top of the block holding the new token")
+    p.add_argument("--threshold", type=float, help="seer only: keep blocks whose gate probability > this, in (0, 1)")
+    p.add_argument("--kernel", default="auto", choices=["auto", "torch", "tilelang"],
+                   help="decode attention: the TileLang kernel (cuda + tilelang) or the PyTorch reference; "
+                        "auto picks TileLang when it can")
+    p.add_argument("--block-size", type=int, default=64, help="KV page size in tokens (= the gate's block size)")
     p.add_argument("--num-pages", type=int, default=0, help="KV pages in the pool (0 = just enough for the prompts)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -115,6 +142,9 @@ def main(argv=None):
     try:
         dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
         net = M.Qwen3.from_pretrained(args.model, device=args.device, dtype=dtype)
+        if args.gate:
+            GT.load_gates(net, args.gate)
+        use_kernel(args.kernel, args.device)
         tok = load_tokenizer(args.model)
         texts = [chat_prompt(t, not args.no_think) if args.chat else t for t in prompts]
         ids = [tok.encode(t).ids for t in texts]
@@ -123,6 +153,7 @@ def main(argv=None):
                 raise ValueError(f"prompt {i} is empty after tokenization")
         num_pages = args.num_pages or pages_needed(ids, args.max_new_tokens, args.block_size)
         cache = M.PagedKVCache(net.config, num_pages, args.block_size, args.device, dtype)
+        select = GT.Selector(args.attn, net, cache, args.budget, args.threshold)
         stream = len(ids) == 1
         printed = [""]
 
@@ -135,7 +166,7 @@ def main(argv=None):
 
         t0 = time.perf_counter()
         out = generate(net, cache, ids, args.max_new_tokens, eos_ids(args.model), args.temperature,
-                       args.top_p, args.seed, on_token=on_token if stream else None)
+                       args.top_p, args.seed, select, on_token=on_token if stream else None)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -147,7 +178,8 @@ def main(argv=None):
         for i, o in enumerate(out):
             print(f"--- [{i}] {prompts[i]!r}\n{tok.decode(o)}")
     n_gen = sum(len(o) for o in out)
-    print(f"[prompt tokens {sum(map(len, ids))} | generated tokens {n_gen} | {n_gen / dt:.1f} tokens/s]")
+    print(f"[prompt tokens {sum(map(len, ids))} | generated tokens {n_gen} | {n_gen / dt:.1f} tokens/s | "
+          f"attn {args.attn} | sparsity {select.sparsity():.1%}]")
 
 
 if __name__ == "__main__":

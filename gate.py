@@ -1,0 +1,291 @@
+"""The AttnGate of SeerAttention-R, its gate folders, and the block selectors for decode.
+
+AttnGate (SPEC §2), one per attention layer, reads the layer's q and k after q_norm/k_norm
+and before RoPE:
+  gate query  gq[t, h] = sum_{g,d} q[t, h*G+g, d] * Wq[h, g, d, :]        -> [T, Hk, Dg]
+  gate key    gk[j, h] = [max | min | avg of k over block j] @ Wk[h]      -> [NB, Hk, Dg]
+  optional RMSNorm on both, RoPE inside the gate (query at t, key at j*S, the block's start)
+  score       s[t, h, j] = gq[t, h] . gk[j, h] / sqrt(Dg) over complete blocks before t's block.
+Parameter names are the published checkpoints' (`...self_attn.attn_gate.attngate_linear_q.weight`),
+so a published gate folder loads unchanged.
+
+Selector (SPEC §3-4) keeps the pooled keys beside the KV pages and, at every decode step,
+returns per (sequence, KV head) the logical block ids to read, padded with -1 — what the
+decode kernel takes. The block holding the new token is always kept, on top of the budget.
+"""
+import glob
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+
+from model import RMSNorm, apply_rope, rope_cos_sin
+
+SELECTORS = ("dense", "seer", "quest", "oracle", "window")
+
+
+class Weight(nn.Module):
+    """A bare parameter under the name `.weight` (the published gate layout)."""
+    def __init__(self, *shape):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(*shape) / math.sqrt(math.prod(shape[:-1]) / shape[0]))
+
+
+class AttnGate(nn.Module):
+    def __init__(self, hk, g, d, dg=128, block_size=64, use_qk_norm=True, rope_theta=1e6):
+        super().__init__()
+        self.hk, self.g, self.d, self.dg, self.block_size, self.rope_theta = hk, g, d, dg, block_size, rope_theta
+        self.attngate_linear_q = Weight(hk, g, d, dg)
+        self.attngate_linear_k = Weight(hk, 3 * d, dg)
+        self.attngate_qnorm = RMSNorm(dg, 1e-6) if use_qk_norm else None
+        self.attngate_knorm = RMSNorm(dg, 1e-6) if use_qk_norm else None
+
+    def query(self, q, positions):
+        """q [N, Hq, D] pre-RoPE, positions [N] -> gate queries [N, Hk, Dg]."""
+        q = q.reshape(q.shape[0], self.hk, self.g, self.d)
+        w = self.attngate_linear_q.weight
+        gq = torch.einsum("nhgd,hgde->nhe", q.to(w.dtype), w)
+        if self.attngate_qnorm is not None:
+            gq = self.attngate_qnorm(gq)
+        return apply_rope(gq, *rope_cos_sin(positions, self.dg, self.rope_theta, gq.dtype))
+
+    def key(self, pooled, block_ids):
+        """pooled [M, Hk, 3D] ([max | min | avg] of pre-RoPE keys), block_ids [M] -> gate keys [M, Hk, Dg]."""
+        w = self.attngate_linear_k.weight
+        gk = torch.einsum("mhc,hce->mhe", pooled.to(w.dtype), w)
+        if self.attngate_knorm is not None:
+            gk = self.attngate_knorm(gk)
+        pos = block_ids * self.block_size                              # RoPE at the block's first token
+        return apply_rope(gk, *rope_cos_sin(pos, self.dg, self.rope_theta, gk.dtype))
+
+    def scores(self, q, k):
+        """Training/analysis view over one whole sequence: q [T, Hq, D], k [T, Hk, D] (pre-RoPE)
+        -> scores [T, Hk, NB] over the NB = T // S complete blocks, -inf where block j is not
+        complete-and-before t's own block."""
+        T, S = q.shape[0], self.block_size
+        nb = T // S
+        blocks = k[: nb * S].reshape(nb, S, self.hk, self.d)           # [NB, S, Hk, D]
+        pooled = torch.cat([blocks.amax(1), blocks.amin(1), blocks.mean(1, dtype=torch.promote_types(k.dtype, torch.float32)).to(k.dtype)], -1)
+        ar = torch.arange(T, device=q.device)
+        gq = self.query(q, ar)                                         # [T, Hk, Dg]
+        gk = self.key(pooled, torch.arange(nb, device=q.device))       # [NB, Hk, Dg]
+        s = torch.einsum("the,jhe->thj", gq, gk) / math.sqrt(self.dg)  # [T, Hk, NB]
+        visible = torch.arange(nb, device=q.device)[None, :] < (ar // S)[:, None]  # [T, NB]
+        s = s.to(torch.promote_types(s.dtype, torch.float32))         # softmax in >= float32
+        return s.masked_fill(~visible[:, None, :], float("-inf"))
+
+
+# ---- gate folders: config.json (base model config + seerattn_* fields) + safetensors ----
+
+def attach_gates(model, dg=128, block_size=64, use_qk_norm=True):
+    """Fresh gates on every attention layer; only they will train."""
+    c = model.config
+    p = next(model.parameters())
+    for layer in model.layers:
+        gate = AttnGate(c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads, c.head_dim,
+                        dg, block_size, use_qk_norm, c.rope_theta)
+        layer.self_attn.attn_gate = gate.to(p.device, p.dtype)
+    return model
+
+
+def gate_state(model):
+    return {f"model.layers.{i}.self_attn.attn_gate.{k}": v for i, layer in enumerate(model.layers)
+            for k, v in layer.self_attn.attn_gate.state_dict().items()}
+
+
+def save_gates(model, path, extra_config=None):
+    """Write a gate folder atomically (temp file + rename): config.json and model.safetensors."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    g = model.layers[0].self_attn.attn_gate
+    cfg = {**model.config.to_hf_dict(), "base_model": getattr(model, "name_or_path", ""),
+           "seerattn_gate_block_size": g.block_size, "seerattn_gate_hidden_size": g.dg,
+           "seerattn_k_seq_pooling_type": "Kmaxminavg", "seerattn_q_head_pooling_type": "Qproj",
+           "seerattn_use_qk_norm": g.attngate_qnorm is not None, "seerattn_use_rope": True,
+           **(extra_config or {})}
+    state = {k: v.detach().float().contiguous().cpu() for k, v in gate_state(model).items()}
+    save_file(state, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
+    os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json.tmp"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+
+
+def load_gates(model, path):
+    """Attach the gates of a gate folder (ours or the published layout) to model; checks they fit."""
+    from safetensors.torch import load_file
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path}: no config.json there (expected a gate folder)")
+    with open(cfg_path) as f:
+        gcfg = json.load(f)
+    if gcfg.get("seerattn_k_seq_pooling_type", "Kmaxminavg") != "Kmaxminavg" or \
+            gcfg.get("seerattn_q_head_pooling_type", "Qproj") != "Qproj":
+        raise ValueError(f"{path}: only Kmaxminavg key pooling and Qproj query pooling are supported")
+    state = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        state.update({k: v for k, v in load_file(f).items() if ".attn_gate." in k})
+    if not state:
+        raise FileNotFoundError(f"{path}: no attn_gate weights in any *.safetensors file")
+    c = model.config
+    n_layers = 1 + max(int(k.split(".")[2]) for k in state)
+    hk, g, d, dg = state["model.layers.0.self_attn.attn_gate.attngate_linear_q.weight"].shape
+    want = {"layers": c.num_hidden_layers, "kv heads": c.num_key_value_heads,
+            "group size": c.num_attention_heads // c.num_key_value_heads, "head_dim": c.head_dim}
+    have = {"layers": n_layers, "kv heads": hk, "group size": g, "head_dim": d}
+    diff = [f"{k} {have[k]} vs model {want[k]}" for k in want if have[k] != want[k]]
+    if diff:
+        raise ValueError(f"{path}: gate folder does not fit this model: {', '.join(diff)}")
+    use_norm = "model.layers.0.self_attn.attn_gate.attngate_qnorm.weight" in state
+    attach_gates(model, dg, gcfg.get("seerattn_gate_block_size", 64), use_norm)
+    p = next(model.parameters())
+    for i, layer in enumerate(model.layers):
+        prefix = f"model.layers.{i}.self_attn.attn_gate."
+        layer.self_attn.attn_gate.load_state_dict(
+            {k[len(prefix):]: v.to(p.device, p.dtype) for k, v in state.items() if k.startswith(prefix)})
+    return gcfg
+
+
+# ---- selection at decode ----
+
+class Selector:
+    """Pooled keys beside the pages, and the choice of blocks each decode step reads.
+
+    Per layer and page (indexed like cache.k's pages), in cache.pooled:
+      seer:  kmax/kmin/ksum of the pre-RoPE keys written so far (running, O(1) per token),
+             and gate_k, the gate key, computed once when the page fills;
+      quest: qmax/qmin, elementwise max/min of the post-RoPE keys.
+    """
+
+    def __init__(self, attn, model, cache, budget=None, threshold=None):
+        S = cache.page_size
+        if attn not in SELECTORS:
+            raise ValueError(f"unknown selector {attn!r}; choose one of {', '.join(SELECTORS)}")
+        if budget is not None and threshold is not None:
+            raise ValueError("give either a token budget or a threshold, not both")
+        if threshold is not None and (attn != "seer" or not 0 < threshold < 1):
+            raise ValueError(f"threshold must be in (0, 1) and only applies to seer, got {threshold} for {attn}")
+        if attn not in ("dense", "seer") and budget is None:
+            raise ValueError(f"--attn {attn} needs a token budget")
+        if attn == "seer" and budget is None and threshold is None:
+            raise ValueError("--attn seer needs a token budget or a threshold")
+        if budget is not None and (budget < S or budget % S):
+            near = max(S, round(budget / S) * S)
+            raise ValueError(f"budget {budget} must be a positive multiple of the block size {S}; try {near}")
+        gate = getattr(model.layers[0].self_attn, "attn_gate", None)
+        if attn == "seer":
+            if gate is None:
+                raise ValueError("--attn seer needs gates: give --gate DIR")
+            if gate.block_size != S:
+                raise ValueError(f"gate block size {gate.block_size} != page size {S}: set --block-size "
+                                 f"{gate.block_size}")
+        self.attn, self.model, self.budget, self.threshold = attn, model, budget, threshold
+        self.read = torch.zeros((), dtype=torch.float64, device=cache.k.device)   # KV tokens read
+        self.total = torch.zeros((), dtype=torch.float64, device=cache.k.device)  # ... a dense step reads
+        L, P, _, Hk, D = cache.k.shape
+        new = lambda *shape, dt=cache.k.dtype: torch.zeros(L, P, *shape, dtype=dt, device=cache.k.device)
+        if attn == "seer":
+            cache.pooled = dict(kmax=new(Hk, D), kmin=new(Hk, D), ksum=new(Hk, D, dt=torch.float32),
+                                gate_k=new(Hk, gate.dg))
+        elif attn == "quest":
+            cache.pooled = dict(qmax=new(Hk, D), qmin=new(Hk, D))
+
+    def sparsity(self):
+        return 1.0 - (self.read / self.total.clamp(min=1)).item()
+
+    def on_write(self, layer, step, k, kr):
+        """New keys k (pre-RoPE), kr (post-RoPE) [N, Hk, D] were written at step.slots."""
+        pooled, S = step.cache.pooled, step.cache.page_size
+        if pooled is None:
+            return
+        page, off = step.slots // S, step.slots % S
+        stats = [("kmax", "kmin", "ksum", k)] if self.attn == "seer" else [("qmax", "qmin", None, kr)]
+        for mx, mn, sm, x in stats:
+            if step.block_table is None:      # prefill: one sequence, positions 0..N-1, pool whole blocks
+                N = x.shape[0]
+                nb = -(-N // S)
+                pad = torch.full((nb * S - N, *x.shape[1:]), float("nan"), dtype=x.dtype, device=x.device)
+                blocks = torch.cat([x, pad]).view(nb, S, *x.shape[1:])           # [nb, S, Hk, D]
+                pages = page[::S]                                              # page of each block
+                pooled[mx][layer, pages] = blocks.nan_to_num(float("-inf")).amax(1).to(pooled[mx].dtype)
+                pooled[mn][layer, pages] = blocks.nan_to_num(float("inf")).amin(1).to(pooled[mn].dtype)
+                if sm:
+                    pooled[sm][layer, pages] = blocks.float().nan_to_num(0.0).sum(1)
+            else:                             # decode: one token per sequence, a running update
+                first, x = (off == 0)[:, None, None], x.to(pooled[mx].dtype)
+                old_max, old_min = pooled[mx][layer, page], pooled[mn][layer, page]
+                pooled[mx][layer, page] = torch.where(first, x, torch.maximum(old_max, x))
+                pooled[mn][layer, page] = torch.where(first, x, torch.minimum(old_min, x))
+                if sm:
+                    pooled[sm][layer, page] = torch.where(first, 0.0, pooled[sm][layer, page]) + x.float()
+        if self.attn == "seer":               # pages that just filled get their gate key, once
+            full = off == S - 1
+            if step.block_table is not None:  # branch-free at decode (CUDA graphs): compute all, keep full
+                pages = page
+            else:
+                pages, full = page[full], full[full]
+            pooled_k = torch.cat([pooled["kmax"][layer, pages], pooled["kmin"][layer, pages],
+                                  (pooled["ksum"][layer, pages] / S).to(pooled["kmax"].dtype)], -1)
+            block_ids = step.positions[off == S - 1] // S if step.block_table is None else step.positions // S
+            gk = self.model.layers[layer].self_attn.attn_gate.key(pooled_k, block_ids)
+            old = pooled["gate_k"][layer, pages]
+            pooled["gate_k"][layer, pages] = torch.where(full[:, None, None], gk.to(old.dtype), old)
+
+    def __call__(self, layer, step, q, qr):
+        """q, qr [B, Hq, D] (pre-/post-RoPE) -> blocks [B, Hk, K] logical ids, -1 padded, or None (dense)."""
+        cache, S = step.cache, step.cache.page_size
+        B, NB = step.block_table.shape
+        Hk = cache.k.shape[3]
+        lengths = step.lengths.long()
+        cur = (lengths - 1) // S                                       # [B] block of the new token
+        j = torch.arange(NB, device=q.device)
+        before = j[None, :] < cur[:, None]                             # [B, NB] complete blocks before it
+        self.total += lengths.sum() * Hk
+        if self.attn == "dense":
+            self.read += lengths.sum() * Hk
+            return None
+        if self.attn == "seer":
+            gate = self.model.layers[layer].self_attn.attn_gate
+            gq = gate.query(q, step.positions)                         # [B, Hk, Dg]
+            gk = cache.pooled["gate_k"][layer][step.block_table.long()]  # [B, NB, Hk, Dg]
+            score = torch.einsum("bhe,bjhe->bhj", gq, gk.to(gq.dtype)).float()  # [B, Hk, NB]
+        elif self.attn == "quest":
+            G = q.shape[1] // Hk
+            qg = qr.view(B, Hk, G, -1).float()
+            kmax = cache.pooled["qmax"][layer][step.block_table.long()].float()  # [B, NB, Hk, D]
+            kmin = cache.pooled["qmin"][layer][step.block_table.long()].float()
+            bound = torch.maximum(torch.einsum("bhgd,bjhd->bhgjd", qg, kmax),
+                                  torch.einsum("bhgd,bjhd->bhgjd", qg, kmin)).sum(-1)
+            score = bound.amax(2)                                      # [B, Hk, NB] max over the group
+        elif self.attn == "oracle":
+            score = block_attention(qr, cache.k[layer], step.block_table, step.lengths).log()
+        else:                                                          # window: the most recent blocks
+            score = j[None, None, :].float().expand(B, Hk, NB)
+        score = score.masked_fill(~before[:, None, :], float("-inf"))
+        if self.threshold is not None:
+            keep = (score / math.sqrt(gate.dg)).softmax(-1) > self.threshold
+            chosen = torch.where(keep & before[:, None, :], j, -1)    # [B, Hk, NB]
+        else:
+            k = min(self.budget // S, NB)
+            top = score.topk(k, dim=-1)
+            chosen = torch.where(top.values > float("-inf"), top.indices, -1)  # [B, Hk, k]
+        blocks = torch.cat([chosen, cur[:, None, None].expand(B, Hk, 1)], -1).int()  # [B, Hk, K]
+        valid = blocks >= 0
+        tokens = torch.where(valid, (lengths[:, None, None] - blocks.long() * S).clamp(0, S), 0)
+        self.read += tokens.sum()
+        return blocks
+
+
+def block_attention(qr, k_pages, block_table, lengths):
+    """Exact attention of this step, per block the max probability over its tokens and the G
+    heads of the group: qr [B, Hq, D], k_pages [P, S, Hk, D] -> [B, Hk, NB]."""
+    B, Hq, D = qr.shape
+    S, Hk = k_pages.shape[1], k_pages.shape[2]
+    NB = block_table.shape[1]
+    k = k_pages[block_table.long()].reshape(B, NB * S, Hk, D)          # [B, NB*S, Hk, D]
+    s = torch.einsum("bhgd,bthd->bhgt", qr.view(B, Hk, Hq // Hk, D).float(), k.float()) / math.sqrt(D)
+    valid = torch.arange(NB * S, device=qr.device)[None, :] < lengths[:, None].long()
+    p = s.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1)   # [B, Hk, G, NB*S]
+    return p.view(B, Hk, -1, NB, S).amax(dim=(2, 4))
