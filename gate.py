@@ -242,9 +242,10 @@ class Selector:
         cur = (lengths - 1) // S                                       # [B] block of the new token
         j = torch.arange(NB, device=q.device)
         before = j[None, :] < cur[:, None]                             # [B, NB] complete blocks before it
-        self.total += lengths.sum() * Hk
+        real = lengths > 1                    # a padded row of a CUDA-graph batch holds only its new token
+        self.total += (lengths * real).sum() * Hk
         if self.attn == "dense":
-            self.read += lengths.sum() * Hk
+            self.read += (lengths * real).sum() * Hk
             return None
         if self.attn == "seer":
             gate = self.model.layers[layer].self_attn.attn_gate
@@ -274,7 +275,7 @@ class Selector:
         blocks = torch.cat([chosen, cur[:, None, None].expand(B, Hk, 1)], -1).int()  # [B, Hk, K]
         valid = blocks >= 0
         tokens = torch.where(valid, (lengths[:, None, None] - blocks.long() * S).clamp(0, S), 0)
-        self.read += tokens.sum()
+        self.read += (tokens * real[:, None, None]).sum()
         return blocks
 
 

@@ -57,28 +57,74 @@ def sample(logits, temperature, top_p, generator):
 
 
 def generate(model, cache, prompts, max_new_tokens, eos=(), temperature=0.0, top_p=1.0, seed=0,
-             select=None, on_token=None):
-    """prompts: lists of token ids -> lists of generated ids (EOS included when hit)."""
+             select=None, on_token=None, graphs=False):
+    """prompts: lists of token ids -> lists of generated ids (EOS included when hit).
+
+    Each sequence gets all its pages at admission (prompt + max_new_tokens, capped at
+    max_position_embeddings), so the page table is static while it decodes: the step itself
+    never waits on the host, and it replays as a CUDA graph when graphs=True."""
+    limit = [min(max_new_tokens, model.config.max_position_embeddings - len(p)) for p in prompts]
+    for i, p in enumerate(prompts):
+        cache.allocate(i, len(p) + limit[i])
+    logits = torch.stack([model.prefill(ids, i, cache, select) for i, ids in enumerate(prompts)])
     generator = torch.Generator().manual_seed(seed)
-    out = [[] for _ in prompts]
-    last = [model.prefill(ids, i, cache, select) for i, ids in enumerate(prompts)]
     live = list(range(len(prompts)))
-    logits = torch.stack(last)
+    table = cache.block_table(live)                                    # [B, NB]
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=table.device)
+    step = GraphRunner(model, cache, select, len(live), table.shape[1]) if graphs else \
+        lambda tok, tab, lens: model.decode(tok, tab, lens, cache, select)
+    out = [[] for _ in prompts]
     while live:
-        tokens = sample(logits, temperature, top_p, generator).tolist()
-        still = []
-        for i, t in zip(live, tokens):
+        tokens = sample(logits, temperature, top_p, generator)        # [B] on the device
+        keep = []
+        for row, (i, t) in enumerate(zip(live, tokens.tolist())):
             out[i].append(t)
             if on_token:
                 on_token(i, t)
-            if t in eos or len(out[i]) >= max_new_tokens:
-                cache.release(i)                                  # finished: its pages go back
+            if t in eos or len(out[i]) >= limit[i]:
+                cache.release(i)                                       # finished: its pages go back
             else:
-                still.append(i)
-        live = still
+                keep.append(row)
+        if len(keep) < len(live):                                      # the batch shrinks
+            rows = torch.tensor(keep, dtype=torch.long, device=table.device)
+            live, table, lengths, tokens = [live[r] for r in keep], table[rows], lengths[rows], tokens[rows]
         if live:
-            logits = model.decode([out[i][-1] for i in live], live, cache, select)
+            logits = step(tokens, table, lengths)
+            lengths = lengths + 1
     return out
+
+
+class GraphRunner:
+    """model.decode captured in CUDA graphs, one per batch-size bucket (1, 2, 4, 8, ...), over
+    static input buffers; a step copies its inputs in and replays (nano-vllm's scheme).
+    Padded rows point at the cache's scratch page with length 0."""
+
+    def __init__(self, model, cache, select, max_batch, max_blocks):
+        dev = cache.k.device
+        self.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch] + [max_batch]
+        self.tokens = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.scratch = cache.scratch
+        self.table = torch.full((max_batch, max_blocks), cache.scratch, dtype=torch.int32, device=dev)
+        self.lengths = torch.zeros(max_batch, dtype=torch.int32, device=dev)
+        self.graphs, self.logits, pool = {}, {}, None
+        for bs in reversed(self.buckets):                              # largest first: it sizes the pool
+            run = lambda: model.decode(self.tokens[:bs], self.table[:bs], self.lengths[:bs], cache, select)
+            run()                                                      # warm up (kernel compile, allocator)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool):
+                self.logits[bs] = run()
+            pool = g.pool()
+            self.graphs[bs] = g
+        if select is not None:
+            select.read.zero_(), select.total.zero_()                  # forget the warm-up steps
+
+    def __call__(self, tokens, table, lengths):
+        B, NB = table.shape
+        bs = next(b for b in self.buckets if b >= B)
+        self.tokens[:B], self.table[:B, :NB], self.lengths[:B] = tokens, table, lengths
+        self.tokens[B:bs], self.table[B:bs], self.lengths[B:bs] = 0, self.scratch, 0
+        self.graphs[bs].replay()
+        return self.logits[bs][:B]
 
 
 def use_kernel(kind, device):

@@ -204,13 +204,13 @@ class Qwen3(nn.Module):
 
     @torch.no_grad()
     def prefill(self, ids, seq_id, cache, select=None):
-        """Dense causal forward of one prompt (list of ids), K/V written to fresh pages -> logits [V]."""
+        """Dense causal forward of one prompt (list of ids), K/V written to its pages -> logits [V]."""
         if len(ids) == 0:
             raise ValueError("empty prompt: give at least one token")
         if len(ids) > self.config.max_position_embeddings:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
-        cache.reserve(seq_id, len(ids))
+        cache.allocate(seq_id, len(ids))
         device = cache.k.device
         positions = torch.arange(len(ids), device=device)
         step = Step(cache, cache.slots(seq_id, positions), positions, select=select)
@@ -218,22 +218,16 @@ class Qwen3(nn.Module):
         return self.logits(x[0, -1])
 
     @torch.no_grad()
-    def decode(self, tokens, seq_ids, cache, select=None):
-        """One new token for each live sequence (ragged lengths) -> logits [B, V]."""
-        positions = []
-        for sid in seq_ids:
-            positions.append(cache.lengths[sid])
-            if positions[-1] >= self.config.max_position_embeddings:
-                raise ValueError(f"sequence {sid} reached max_position_embeddings "
-                                 f"({self.config.max_position_embeddings})")
-            cache.reserve(sid, positions[-1] + 1)
-        device = cache.k.device
-        positions = torch.tensor(positions, device=device)
-        block_table = cache.block_table(seq_ids)
-        slots = block_table.gather(1, (positions // cache.page_size)[:, None].int())[:, 0].long()
-        slots = slots * cache.page_size + positions % cache.page_size
-        step = Step(cache, slots, positions, block_table, (positions + 1).int(), select)
-        x = self.hidden(torch.as_tensor(tokens, device=device)[:, None], positions[:, None], step)
+    def decode(self, tokens, block_table, lengths, cache, select=None):
+        """One new token for each live sequence -> logits [B, V].
+
+        tokens [B] ids; block_table [B, NB] int32 pages (allocated ahead); lengths [B] int32
+        tokens already cached. Pure tensor work, no host sync: CUDA-graph capturable."""
+        S = cache.page_size
+        positions = lengths.long()                                    # [B] the new token's position
+        pages = block_table.gather(1, (positions // S)[:, None])[:, 0].long()
+        step = Step(cache, pages * S + positions % S, positions, block_table, lengths + 1, select)
+        x = self.hidden(tokens[:, None], positions[:, None], step)
         return self.logits(x[:, 0])
 
     @classmethod
@@ -300,44 +294,43 @@ class CacheFull(RuntimeError):
 
 class PagedKVCache:
     """One pool of pages per layer for K (post-RoPE) and V, a free list, and per sequence
-    a page table and a length. Pooled keys for the gate and Quest live beside the pages
-    (gate.py allocates them in `cache.pooled`)."""
+    a page table. Pooled keys for the gate and Quest live beside the pages (gate.py fills
+    `cache.pooled`, indexed like the pages). One extra page, `scratch`, is never handed
+    out: padded rows of a CUDA-graph batch write there."""
 
     def __init__(self, cfg, num_pages, page_size=64, device="cpu", dtype=torch.float32):
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"need num_pages >= 1 and page_size >= 1, got {num_pages} and {page_size}")
         L, Hk, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-        self.page_size, self.num_pages = page_size, num_pages
-        self.k = torch.empty(L, num_pages, page_size, Hk, D, device=device, dtype=dtype)
-        self.v = torch.empty(L, num_pages, page_size, Hk, D, device=device, dtype=dtype)
+        self.page_size, self.num_pages, self.scratch = page_size, num_pages, num_pages
+        self.k = torch.empty(L, num_pages + 1, page_size, Hk, D, device=device, dtype=dtype)
+        self.v = torch.empty(L, num_pages + 1, page_size, Hk, D, device=device, dtype=dtype)
         self.free = deque(range(num_pages))
         self.pages = {}      # seq_id -> [physical page of logical block 0, 1, ...]
-        self.lengths = {}    # seq_id -> tokens written
-        self.pooled = None   # gate.py: per-page pooled keys, indexed like the pages
+        self.pooled = None
 
-    def reserve(self, seq_id, n_tokens):
-        """Make seq_id own enough pages for n_tokens, and set its length to n_tokens."""
+    def allocate(self, seq_id, n_tokens):
+        """Make seq_id own enough pages for n_tokens."""
         pages = self.pages.setdefault(seq_id, [])
         need = -(-n_tokens // self.page_size) - len(pages)
         if need > len(self.free):
             raise CacheFull(f"KV cache out of pages: sequence {seq_id} needs {need} more page(s) of "
-                               f"{self.page_size} tokens, {len(self.free)} of {self.num_pages} are free; "
-                               f"raise --num-pages (or free finished sequences)")
+                            f"{self.page_size} tokens, {len(self.free)} of {self.num_pages} are free; "
+                            f"raise --num-pages / --kv-memory-fraction or shorten --max-new-tokens")
         pages.extend(self.free.popleft() for _ in range(max(need, 0)))
-        self.lengths[seq_id] = n_tokens
 
     def release(self, seq_id):
         self.free.extend(self.pages.pop(seq_id))
-        del self.lengths[seq_id]
 
     def slots(self, seq_id, positions):
         pages = torch.tensor(self.pages[seq_id], device=positions.device)
         return pages[positions // self.page_size] * self.page_size + positions % self.page_size
 
-    def block_table(self, seq_ids):
-        nb = max(len(self.pages[s]) for s in seq_ids)
-        table = [self.pages[s] + [0] * (nb - len(self.pages[s])) for s in seq_ids]
-        return torch.tensor(table, dtype=torch.int32, device=self.k.device)  # [B, NB]
+    def block_table(self, seq_ids, width=None):
+        """[B, width] int32 page table; past a sequence's pages: the scratch page."""
+        width = width or max(len(self.pages[s]) for s in seq_ids)
+        table = [self.pages[s] + [self.scratch] * (width - len(self.pages[s])) for s in seq_ids]
+        return torch.tensor(table, dtype=torch.int32, device=self.k.device)
 
     def write(self, layer, slots, k, v):
         """k, v [N, Hk, D] into flat slots [N]."""

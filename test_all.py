@@ -79,8 +79,12 @@ def test_decode_equals_full_recompute_each_step_and_pages_are_reused(tmp_path):
         net.prefill(ids, sid, cache)
     for step in range(11):
         live = list(seqs)
-        tokens = [int(torch.randint(0, 128, ()).item()) for _ in live]
-        logits = net.decode(tokens, live, cache)
+        tokens = torch.randint(0, 128, (len(live),))
+        for sid in live:
+            cache.allocate(sid, len(seqs[sid]) + 1)            # the next page when one fills
+        lengths = torch.tensor([len(seqs[s]) for s in live], dtype=torch.int32)
+        logits = net.decode(tokens, cache.block_table(live), lengths, cache)
+        tokens = tokens.tolist()
         for i, sid in enumerate(live):
             seqs[sid].append(tokens[i])
             with torch.no_grad():
@@ -218,8 +222,9 @@ def test_pooled_keys_incremental_decode_equal_prefill(tmp_path):
         sel = GT.Selector(attn, net, cache, budget)
         net.prefill(ids, "p", cache, sel)                    # all 29 tokens at once
         net.prefill(ids[:3], "d", cache, sel)                # 3, then 26 decode steps
-        for t in ids[3:]:
-            net.decode([t], ["d"], cache, sel)
+        cache.allocate("d", len(ids))
+        for n, t in enumerate(ids[3:], start=3):
+            net.decode(torch.tensor([t]), cache.block_table(["d"]), torch.tensor([n], dtype=torch.int32), cache, sel)
         for name, buf in cache.pooled.items():
             pp, pd = cache.pages["p"], cache.pages["d"]
             n = 3 if name == "gate_k" else 4                 # gate keys exist for full pages only
@@ -257,7 +262,9 @@ def test_oracle_picks_blocks_of_highest_true_attention_and_quest_bounds_qk(tmp_p
         if attn == "quest":                                    # quest's bounds need pooled keys from a prefill
             cache.release(0)
             net.prefill(ids, 0, cache, sel)
-        net.decode([5], [0], cache, Spy(sel, captured))
+        cache.allocate(0, 62)
+        net.decode(torch.tensor([5]), cache.block_table([0]), torch.tensor([61], dtype=torch.int32), cache,
+                   Spy(sel, captured))
         for layer, (qr, blocks, table, lengths) in captured.items():
             L, S, Hk, D = int(lengths[0]), 8, 2, 32
             cur = (L - 1) // S
@@ -339,3 +346,22 @@ def test_gate_and_budget_bad_inputs(tmp_path):
     plain = M.Qwen3.from_pretrained(str(tmp_path / "m"))
     with pytest.raises(ValueError, match="needs gates"):
         GT.Selector("seer", plain, cache, 16)
+
+
+# ---------------------------------------------------------------- GPU decode path
+
+@cuda
+@pytest.mark.parametrize("attn", ["dense", "seer"])
+def test_cuda_graph_replay_equals_eager_decode(tmp_path, attn):
+    net = gated_model(tmp_path).cuda()
+    torch.manual_seed(8)
+    prompts = [torch.randint(0, 127, (n,)).tolist() for n in (3, 17, 30)]   # ragged, pages of 8 fill mid-run
+    outs = []
+    for graphs in (False, True):
+        cache = M.PagedKVCache(net.config, 64, 8, "cuda")
+        sel = GT.Selector(attn, net, cache, 1024 if attn == "seer" else None)
+        outs.append(gen.generate(net, cache, prompts, 64, select=sel, graphs=graphs))
+    assert outs[0] == outs[1]
+    if attn == "seer":                                   # full budget: seer equals dense
+        cache = M.PagedKVCache(net.config, 64, 8, "cuda")
+        assert gen.generate(net, cache, prompts, 64, select=GT.Selector("dense", net, cache)) == outs[0]
