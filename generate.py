@@ -7,8 +7,10 @@ new token per live sequence per step; a sequence that hits EOS frees its pages w
 others go on.
 """
 import argparse
+import glob
 import json
 import os
+import random
 import sys
 import time
 
@@ -88,8 +90,9 @@ def generate(model, cache, prompts, max_new_tokens, eos=(), temperature=0.0, top
         if len(keep) < len(live):                                      # the batch shrinks
             rows = torch.tensor(keep, dtype=torch.long, device=table.device)
             live, table, lengths, tokens = [live[r] for r in keep], table[rows], lengths[rows], tokens[rows]
-        if live:
-            logits = step(tokens, table, lengths)
+        if live:                                                       # only the blocks in use so far
+            nb = -(-max(len(prompts[i]) + len(out[i]) for i in live) // cache.page_size)
+            logits = step(tokens, table[:, :nb], lengths)
             lengths = lengths + 1
     return out
 
@@ -143,25 +146,141 @@ def use_kernel(kind, device):
     M.decode_attention = M.decode_attention_ref
 
 
+def pages_in_memory(cfg, fraction, page_size, dtype):
+    """Pages that fit in `fraction` of the free GPU memory (K and V of every layer, plus pooled keys)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"--kv-memory-fraction must be in (0, 1), got {fraction}")
+    free, _ = torch.cuda.mem_get_info()
+    elem = torch.tensor([], dtype=dtype).element_size()
+    per_page = cfg.num_hidden_layers * cfg.num_key_value_heads * (2 * page_size + 4) * cfg.head_dim * elem
+    return max(1, int(free * fraction) // per_page)
+
+
 def pages_needed(prompts, max_new_tokens, page_size):
     return sum(-(-(len(p) + max_new_tokens) // page_size) for p in prompts)
 
 
+TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")   # the shipped default
+
+
+def pick_gate(gate_dirs, block_size):
+    """The gate folder among gate_dirs trained for this block size (gates are per block size)."""
+    sizes = {}
+    for d in gate_dirs:
+        try:
+            with open(os.path.join(d, "config.json")) as f:
+                sizes[json.load(f).get("seerattn_gate_block_size", 64)] = d
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{d}: no config.json there (expected a gate folder)")
+    if block_size not in sizes:
+        raise ValueError(f"no gate for block size {block_size} (have {sorted(sizes)}); "
+                         f"set --block-size or give a matching --gate")
+    return sizes[block_size]
+
+
+def boxed(text):
+    """Contents of the last \\boxed{...} in text (nested braces allowed), else None."""
+    i = text.rfind("\\boxed{")
+    if i < 0:
+        return None
+    depth, j = 0, i + len("\\boxed")
+    for k in range(j, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if depth == 0:
+            return text[j + 1:k].strip()
+    return None
+
+
+def score(task, record, text):
+    """-> (answer correct, steps correct, steps total); steps only for --task tiny."""
+    if task == "tiny":
+        import tiny
+        return tiny.score(record["prompt"], text)
+    want = boxed(record["answer"]) or record["answer"].strip()
+    got = boxed(text)
+    return (got is not None and got.replace(" ", "") == want.replace(" ", "")), 0, 0
+
+
+def run(net, tok, eos, texts, args, attn, budget, block, gate_dirs, graphs, on_token=None):
+    """Decode a batch of texts with one selector -> (generated ids, sparsity, seconds)."""
+    if attn == "seer":
+        GT.load_gates(net, pick_gate(gate_dirs, block))
+    ids = [tok.encode(t).ids for t in texts]
+    for i, x in enumerate(ids):
+        if not x:
+            raise ValueError(f"prompt {i} is empty after tokenization")
+    dtype = next(net.parameters()).dtype
+    num_pages = args.num_pages or pages_needed(ids, args.max_new_tokens, block)
+    if args.kv_memory_fraction:
+        num_pages = pages_in_memory(net.config, args.kv_memory_fraction, block, dtype)
+    cache = M.PagedKVCache(net.config, num_pages, block, args.device, dtype)
+    select = GT.Selector(attn, net, cache, budget, args.threshold if attn == "seer" else None)
+    t0 = time.perf_counter()
+    out = generate(net, cache, ids, args.max_new_tokens, eos, args.temperature, args.top_p, args.seed,
+                   select, on_token, graphs)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return ids, out, select.sparsity(), time.perf_counter() - t0
+
+
+def evaluate(net, tok, eos, args, gate_dirs, graphs):
+    """Every selector x budget x block size over the --eval records -> a table."""
+    with open(args.eval) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    if not records or any("prompt" not in r or "answer" not in r for r in records):
+        raise ValueError(f"{args.eval}: need JSON lines with 'prompt' and 'answer'")
+    texts = [chat_prompt(r["prompt"], not args.no_think) if args.chat else r["prompt"] for r in records]
+    budgets = [int(b) for b in args.eval_budgets.split(",")]
+    blocks = [int(b) for b in args.eval_blocks.split(",")]
+    rows = []
+    for attn in args.eval_attn.split(","):
+        for block in blocks[:1] if attn == "dense" else blocks:
+            for budget in [None] if attn == "dense" else budgets:
+                if budget is not None and budget % block:
+                    continue
+                _, out, sparsity, dt = run(net, tok, eos, texts, args, attn, budget, block, gate_dirs, graphs)
+                scores = [score(args.task, r, tok.decode(o)) for r, o in zip(records, out)]
+                steps = sum(s[2] for s in scores)
+                rows.append((attn, "-" if attn == "dense" else block, budget or "-",
+                             sum(s[0] for s in scores) / len(scores),
+                             sum(s[1] for s in scores) / steps if steps else float("nan"),
+                             sparsity, sum(map(len, out)) / len(out), dt))
+                print(f"  {rows[-1][0]:7s} block {rows[-1][1]!s:>3} budget {rows[-1][2]!s:>5}: "
+                      f"answer {rows[-1][3]:.1%} steps {rows[-1][4]:.1%} sparsity {sparsity:.1%} ({dt:.0f} s)",
+                      flush=True)
+    print(f"\n{len(records)} problems from {args.eval}, {args.device}\n")
+    print("| attn | block | budget | answer acc | step acc | sparsity | mean gen tokens |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for a, blk, b, acc, sacc, sp, n, _ in rows:
+        print(f"| {a} | {blk} | {b} | {acc:.1%} | {sacc:.1%} | {sp:.1%} | {n:.0f} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="Hugging Face Qwen3 folder (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--model", help="Hugging Face Qwen3 folder (config.json, safetensors, tokenizer.json); "
+                                   "default: the shipped tiny model, on a fresh problem of its task")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--eval", help="a .jsonl of {prompt, answer} records: score every selector x budget x block "
+                                  "size and print a table")
+    p.add_argument("--task", choices=["tiny", "boxed"], default="boxed",
+                   help="--eval scoring: the tiny task's per-step check, or the last \\boxed{} answer")
+    p.add_argument("--eval-attn", default="dense,seer,quest,oracle,window", help="--eval: selectors, comma-separated")
+    p.add_argument("--eval-budgets", default="128,256,512,1024", help="--eval: token budgets, comma-separated")
+    p.add_argument("--eval-blocks", default="64", help="--eval: block sizes, comma-separated (one gate each)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the Qwen3 chat template")
     p.add_argument("--no-think", action="store_true", help="with --chat: thinking mode off (empty think block)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="stop each sequence after this many new tokens")
+    p.add_argument("--max-new-tokens", type=int, help="stop each sequence after this many new tokens "
+                                                      "(default 256; 8192 for the tiny task)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--attn", default="dense", choices=GT.SELECTORS,
-                   help="which KV blocks each decode step reads: all (dense), the gate's top blocks (seer), "
-                        "Quest's bound, the exact attention's top blocks (oracle), or the most recent (window)")
-    p.add_argument("--gate", help="gate folder (config.json + safetensors) for --attn seer")
+    p.add_argument("--seed", type=int, help="sampling seed (and, for the tiny default, the problem; default: random)")
+    p.add_argument("--attn", default=None, choices=GT.SELECTORS,
+                   help="which KV blocks each decode step reads: all (dense, the default), the gate's top blocks "
+                        "(seer, the default for the tiny model), Quest's bound, the exact attention's top blocks "
+                        "(oracle), or the most recent (window)")
+    p.add_argument("--gate", action="append", default=[],
+                   help="gate folder for --attn seer; repeat to give one per block size")
     p.add_argument("--budget", type=int, help="KV tokens per step and KV head (a multiple of --block-size), "
                                               "on top of the block holding the new token")
     p.add_argument("--threshold", type=float, help="seer only: keep blocks whose gate probability > this, in (0, 1)")
@@ -169,38 +288,58 @@ def main(argv=None):
                    help="decode attention: the TileLang kernel (cuda + tilelang) or the PyTorch reference; "
                         "auto picks TileLang when it can")
     p.add_argument("--block-size", type=int, default=64, help="KV page size in tokens (= the gate's block size)")
-    p.add_argument("--num-pages", type=int, default=0, help="KV pages in the pool (0 = just enough for the prompts)")
+    p.add_argument("--num-pages", type=int, default=0,
+                   help="KV pages in the pool (default: just enough for the prompts + --max-new-tokens)")
+    p.add_argument("--kv-memory-fraction", type=float,
+                   help="cuda: size the KV pool to this share of the free GPU memory instead of --num-pages")
+    p.add_argument("--no-graph", action="store_true", help="cuda: run decode eagerly instead of in CUDA graphs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights and cache dtype (default: bfloat16 on cuda, float32 on cpu)")
     args = p.parse_args(argv)
 
+    tiny_default = args.model is None
+    problem = None
+    if tiny_default:                                    # the shipped model, a fresh problem of its task
+        import tiny
+        args.model = TINY
+        args.gate = args.gate or sorted(glob.glob(os.path.join(TINY, "gate-*")))
+        args.attn = args.attn or "seer"
+        if args.attn != "dense" and args.budget is None and args.threshold is None:
+            args.budget = 256
+        args.task = "tiny"
+        if not args.eval and not args.prompt and not args.prompts_file:
+            seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+            problem = tiny.make_problem(random.Random(seed))
+            args.prompt = [problem["prompt"]]
+            print(f"[tiny task, problem seed {seed}]")
+    args.attn = args.attn or "dense"
+    args.seed = args.seed or 0
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 8192 if args.task == "tiny" else 256
+    if args.max_new_tokens < 1:
+        raise SystemExit("error: --max-new-tokens must be >= 1")
     prompts = list(args.prompt)
     if args.prompts_file:
         if not os.path.isfile(args.prompts_file):
             raise SystemExit(f"error: --prompts-file {args.prompts_file} does not exist")
         with open(args.prompts_file) as f:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
-    if not prompts:
-        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts-file FILE")
-    if args.max_new_tokens < 1:
-        raise SystemExit("error: --max-new-tokens must be >= 1")
+    if not prompts and not args.eval:
+        raise SystemExit("error: give --prompt TEXT (repeatable), --prompts-file FILE or --eval FILE.jsonl")
+    if args.eval and not os.path.isfile(args.eval):
+        raise SystemExit(f"error: --eval {args.eval} does not exist")
     try:
         dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
         net = M.Qwen3.from_pretrained(args.model, device=args.device, dtype=dtype)
-        if args.gate:
-            GT.load_gates(net, args.gate)
         use_kernel(args.kernel, args.device)
-        tok = load_tokenizer(args.model)
+        tok, eos = load_tokenizer(args.model), eos_ids(args.model)
+        graphs = args.device.startswith("cuda") and not args.no_graph
+        if args.eval:
+            return evaluate(net, tok, eos, args, args.gate, graphs)
+        if args.attn == "seer" and not args.gate:
+            raise ValueError("--attn seer needs gates: give --gate DIR")
         texts = [chat_prompt(t, not args.no_think) if args.chat else t for t in prompts]
-        ids = [tok.encode(t).ids for t in texts]
-        for i, x in enumerate(ids):
-            if not x:
-                raise ValueError(f"prompt {i} is empty after tokenization")
-        num_pages = args.num_pages or pages_needed(ids, args.max_new_tokens, args.block_size)
-        cache = M.PagedKVCache(net.config, num_pages, args.block_size, args.device, dtype)
-        select = GT.Selector(args.attn, net, cache, args.budget, args.threshold)
-        stream = len(ids) == 1
         printed = [""]
 
         def on_token(i, t, seen=[]):
@@ -210,12 +349,9 @@ def main(argv=None):
             sys.stdout.flush()
             printed[0] = text
 
-        t0 = time.perf_counter()
-        out = generate(net, cache, ids, args.max_new_tokens, eos_ids(args.model), args.temperature,
-                       args.top_p, args.seed, select, on_token=on_token if stream else None)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        stream = len(texts) == 1
+        ids, out, sparsity, dt = run(net, tok, eos, texts, args, args.attn, args.budget, args.block_size,
+                                     args.gate, graphs, on_token if stream else None)
     except (FileNotFoundError, ValueError, M.CacheFull) as e:
         raise SystemExit(f"error: {e}")
     if stream:
@@ -223,9 +359,13 @@ def main(argv=None):
     else:
         for i, o in enumerate(out):
             print(f"--- [{i}] {prompts[i]!r}\n{tok.decode(o)}")
+    if problem is not None:
+        ok, steps, total = score("tiny", problem, tok.decode(out[0]))
+        print(f"[answer {'correct' if ok else 'WRONG'} (expected {problem['answer']}) | steps correct {steps}/{total}]")
     n_gen = sum(len(o) for o in out)
+    budget = f" budget {args.budget}" if args.budget else (f" threshold {args.threshold}" if args.threshold else "")
     print(f"[prompt tokens {sum(map(len, ids))} | generated tokens {n_gen} | {n_gen / dt:.1f} tokens/s | "
-          f"attn {args.attn} | sparsity {select.sparsity():.1%}]")
+          f"attn {args.attn}{budget} | sparsity {sparsity:.1%}]")
 
 
 if __name__ == "__main__":
