@@ -92,7 +92,7 @@ def generate(model, cache, prompts, max_new_tokens, eos=(), temperature=0.0, top
             live, table, lengths, tokens = [live[r] for r in keep], table[rows], lengths[rows], tokens[rows]
         if live:                                                       # only the blocks in use so far
             nb = -(-max(len(prompts[i]) + len(out[i]) for i in live) // cache.page_size)
-            logits = step(tokens, table[:, :nb], lengths)
+            logits = step(tokens, table[:, :nb].contiguous(), lengths)
             lengths = lengths + 1
     return out
 
