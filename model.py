@@ -122,6 +122,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+        self.capture = None   # train_gate.py: capture(layer_idx, q, k, qr, kr) sees each layer's q and k
 
     def forward(self, x, cos, sin, step=None):
         B, T, _ = x.shape
@@ -129,6 +130,8 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(B, T, self.hk, self.d))
         v = self.v_proj(x).view(B, T, self.hk, self.d)
         qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)    # [B, T, H, D]
+        if self.capture is not None:
+            self.capture(self.layer_idx, q, k, qr, kr)
         if step is not None:                                          # write K (post-RoPE) and V
             step.cache.write(self.layer_idx, step.slots, kr.flatten(0, 1), v.flatten(0, 1))
             if step.select is not None:
