@@ -1,0 +1,355 @@
+"""A tiny reasoning model for nanoseer: a synthetic long-lookup task, its word-level tokenizer,
+and pretraining of a small Qwen3 on it, so the method can be measured on a model whose
+attention is learned (no real weights or reasoning data can be downloaded here).
+
+The task. The prompt defines N_X variables (`x17 = 4`), then lists a program of N_Y steps,
+each combining two earlier values mod 10 (`y5 := x17 - y3`). The trace the model writes
+works every step out, looking each operand up far back in the context:
+
+    y5 := x17 - y3 ; x17 = 4 ; y3 = 9 ; 4 - 9 = 5 ; y5 = 5
+
+and ends with `answer = 5` (the last step's value). One token per word: every lookup is a
+clean "find the earlier `name =`, copy the next token" (definitions sit in the first ~1.2K
+tokens, the program line of step i after them, earlier results anywhere in the trace), so
+a decode step needs a few far-away blocks plus the local one: sparse and long-range.
+Defaults (300 variables, 120 steps): 4,807 tokens, a 1,924-token prompt and a 2,883-token trace.
+Text is words joined by single spaces, with no space around newlines.
+
+    python tiny.py data --n 200 --seed 1 --out eval.jsonl     # problems {prompt, answer, text}
+    python tiny.py pretrain --out tiny                        # one GPU: ~10 minutes on an H100
+
+Pretraining draws fresh problems every step (sizes from 1/8 of the largest up to it) with
+the loss on the trace, and saves a Hugging Face Qwen3 folder (bf16 weights, < 10 MB).
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import queue
+import random
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tqdm import tqdm
+
+import model as M
+
+BASE = 10                                   # values and arithmetic are mod BASE
+N_X, N_Y = 300, 120                         # default problem: 4 N_X + 30 N_Y + 7 tokens
+X_NAMES = [f"x{i}" for i in range(400)]     # one token each; caps n_x at 400 and n_y at 200
+Y_NAMES = [f"y{i}" for i in range(1, 201)]
+EOS, PAD = "<|endoftext|>", "<pad>"
+UNK = PAD                                   # every task word is in the vocabulary
+SPECIALS = [EOS, PAD]
+WORDS = [str(v) for v in range(BASE)] + [":=", "=", "+", "-", ";", "\n", "answer", "<prog>", "<trace>"]
+VOCAB = SPECIALS + WORDS + X_NAMES + Y_NAMES
+OPS = {"+": lambda a, b: (a + b) % BASE, "-": lambda a, b: (a - b) % BASE}
+
+
+# ---- the task ----
+
+def n_tokens(n_x, n_y):
+    """Tokens of prompt + trace (without the final <|endoftext|>)."""
+    return 4 * n_x + 2 + 6 * n_y + 2 + 24 * n_y + 3
+
+
+def step_line(y, a, op, b, va, vb):
+    """The trace line of one step, its operands' values given."""
+    r = OPS[op](va, vb)
+    return f"{y} := {a} {op} {b} ; {a} = {va} ; {b} = {vb} ; {va} {op} {vb} = {r} ; {y} = {r}"
+
+
+def make_problem(rng, n_x=N_X, n_y=N_Y, p_x=0.6):
+    """rng (random.Random, or an int seed) -> dict(prompt, trace, answer); text = prompt + trace.
+
+    Step i's operands are each a defined x (prob p_x, always for step 1) or a uniformly
+    chosen earlier y, so most lookups reach far back."""
+    if not 1 <= n_x <= len(X_NAMES) or not 1 <= n_y <= len(Y_NAMES):
+        raise ValueError(f"need 1 <= n_x <= {len(X_NAMES)} and 1 <= n_y <= {len(Y_NAMES)}, got {n_x}, {n_y}")
+    rng = random.Random(rng) if isinstance(rng, int) else rng
+    xs = rng.sample(X_NAMES, n_x)
+    value = {x: rng.randrange(BASE) for x in xs}
+    prog, trace = [], []
+    for i in range(1, n_y + 1):
+        y = Y_NAMES[i - 1]
+        a, b = (rng.choice(xs) if i == 1 or rng.random() < p_x else Y_NAMES[rng.randrange(i - 1)] for _ in "ab")
+        op = rng.choice("+-")
+        prog.append(f"{y} := {a} {op} {b}")
+        trace.append(step_line(y, a, op, b, value[a], value[b]))
+        value[y] = OPS[op](value[a], value[b])
+    answer = str(value[Y_NAMES[n_y - 1]])
+    prompt = "\n".join([f"{x} = {value[x]}" for x in xs] + ["<prog>"] + prog + ["<trace>", ""])
+    return dict(prompt=prompt, trace="\n".join(trace + [f"answer = {answer}"]), answer=answer)
+
+
+def parse_prompt(prompt):
+    """prompt -> (values of the defined variables, program steps [(y, a, op, b)])."""
+    if "<prog>" not in prompt or "<trace>" not in prompt:
+        raise ValueError("not a tiny-task prompt: it needs a <prog> line and a <trace> line")
+    defs, prog = prompt.split("<trace>")[0].split("<prog>")
+    value = {}
+    for line in defs.split("\n"):
+        if line.strip():
+            name, _, v = line.split()
+            value[name] = int(v)
+    steps = [tuple(w for i, w in enumerate(line.split()) if i != 1) for line in prog.split("\n") if line.strip()]
+    return value, steps
+
+
+def score(problem, generated, strict=False):
+    """-> (answer correct, steps correct, steps total), recomputed from the prompt alone.
+
+    problem: a dict with "prompt" or the prompt string; generated: the decoded trace. Line i
+    must be step i's line exactly. Each step is checked on its own: x values come from the
+    prompt, a y value is the one the trace itself stated for it (so one wrong result costs
+    one step, not every step downstream), or the true one if the trace never stated it.
+    strict=True uses true values throughout (an error then also fails its dependants).
+    The answer must equal the true value of the last step."""
+    prompt = problem["prompt"] if isinstance(problem, dict) else problem
+    value, steps = parse_prompt(prompt)
+    lines = [line.split() for line in generated.split("\n")]
+    true, stated, ok = dict(value), dict(value), 0
+    for i, (y, a, op, b) in enumerate(steps):
+        true[y] = OPS[op](true[a], true[b])
+        ref = true if strict else stated
+        want = step_line(y, a, op, b, ref[a], ref[b]).split()
+        got = lines[i] if i < len(lines) else []
+        ok += got == want
+        claim = got[-1] if got[-3:-1] == [y, "="] else None
+        stated[y] = int(claim) if claim is not None and claim.isdigit() else true[y]
+    answers = [w[2] for w in lines if len(w) == 3 and w[:2] == ["answer", "="]]
+    return bool(answers) and answers[-1] == str(true[steps[-1][0]]), ok, len(steps)
+
+
+def write_jsonl(path, n, seed, n_x=N_X, n_y=N_Y):
+    """n problems from random.Random(seed) -> JSON lines {prompt, answer, text = prompt + trace}."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            p = make_problem(rng, n_x, n_y)
+            f.write(json.dumps(dict(prompt=p["prompt"], answer=p["answer"], text=p["prompt"] + p["trace"])) + "\n")
+
+
+# ---- the tokenizer ----
+
+def build_tokenizer():
+    """Word-level, one token per word. Split on newlines (kept) and spaces (dropped); decoding
+    joins words with spaces and then removes the spaces around newlines, so any task text
+    round-trips."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                 pre_tokenizers.Split(" ", "removed")])
+    tok.decoder = decoders.Sequence([decoders.WordPiece(prefix="##", cleanup=False), decoders.Fuse(),
+                                     decoders.Replace(" \n", "\n"), decoders.Replace("\n ", "\n")])
+    tok.add_special_tokens(SPECIALS)
+    return tok
+
+
+# ---- pretraining ----
+
+def tiny_config():
+    """~3.7M parameters: hidden 256, 6 layers, 4 q / 2 KV heads of 64 (G = 2), tied embeddings."""
+    return M.Qwen3Config(vocab_size=-(-len(VOCAB) // 64) * 64, hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                         rope_theta=10000.0, max_position_embeddings=8192, tie_word_embeddings=True)
+
+
+def sizes_for(seq_len):
+    """The largest (n_x, n_y) that fits seq_len tokens with the final <|endoftext|> (n_x = 2.5 n_y)."""
+    n_y = min((seq_len - 8) // 40, len(Y_NAMES))
+    if n_y < 2:
+        raise ValueError(f"--seq-len {seq_len} is too short: a problem of 2 steps needs 88 tokens")
+    return min(5 * n_y // 2, len(X_NAMES)), n_y
+
+
+CURRICULUM = [(1 / 8, 0.15), (1 / 4, 0.15), (1 / 2, 0.2), (1, 0.5)]   # (size fraction, probability)
+
+
+def encode(tok, problems):
+    """Problems of one size -> ids [R, T] int64 numpy (prompt, trace, <|endoftext|>), prompt length P."""
+    ids = np.array([e.ids for e in tok.encode_batch([p["prompt"] + p["trace"] + EOS for p in problems])])
+    assert ids.ndim == 2 and (ids != VOCAB.index(UNK)).all()
+    return ids, len(tok.encode(problems[0]["prompt"]).ids)
+
+
+def make_batch(rng, tok, rows, seq_len):
+    """Problems of one size drawn from CURRICULUM, as many as fill rows x seq_len tokens
+    -> ids [R, T], prompt length P (the same for all: no padding, the loss is on ids[:, P:])."""
+    frac = rng.choices([f for f, _ in CURRICULUM], [w for _, w in CURRICULUM])[0]
+    n_x, n_y = sizes_for(seq_len)
+    n_x, n_y = max(2, round(n_x * frac)), max(2, round(n_y * frac))
+    R = max(1, rows * seq_len // (n_tokens(n_x, n_y) + 1))
+    return encode(tok, [make_problem(rng, n_x, n_y) for _ in range(R)])
+
+
+def batches(seed, tok, rows, seq_len, prefetch=4):
+    """An endless stream of make_batch from random.Random(seed), made in a background thread
+    (tokenizing releases the GIL)."""
+    q, rng = queue.Queue(prefetch), random.Random(seed)
+
+    def work():
+        while True:
+            q.put(make_batch(rng, tok, rows, seq_len))
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        yield q.get()
+
+
+def trace_loss(net, ids, P):
+    """Next-token loss on the trace and <|endoftext|> (ids[:, P:]) -> (loss, hits [R, T-P] bool)."""
+    positions = torch.arange(ids.shape[1] - 1, device=ids.device)[None]
+    h = net.hidden(ids[:, :-1], positions)                              # [R, T-1, hidden]
+    logits = net.logits(h[:, P - 1:]).float()                           # [R, T-P, V]: only where the loss is
+    target = ids[:, P:]
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten()), logits.argmax(-1) == target
+
+
+def heldout_accuracy(net, tok, device, seq_len, n=8, seed=999_999):
+    """Teacher-forced on n full-size problems -> (token accuracy, step accuracy): a step counts
+    when every token of its line is predicted right given the true past. Cheap, and close to
+    score()'s per-step check, which also judges each step given the trace before it."""
+    rng = random.Random(seed)
+    n_x, n_y = sizes_for(seq_len)
+    ids, P = encode(tok, [make_problem(rng, n_x, n_y) for _ in range(n)])
+    net.eval()
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
+        _, hit = trace_loss(net, torch.from_numpy(ids).to(device), P)
+    net.train()
+    steps = hit[:, :24 * n_y].reshape(n, n_y, 24)                       # [n, steps, 24 tokens incl. "\n"]
+    return hit.float().mean().item(), steps.all(-1).float().mean().item()
+
+
+def save_folder(net, tok, out, log=None):
+    """A Hugging Face Qwen3 folder, weights in bfloat16 (the shipped folder stays small)."""
+    copy.deepcopy(net).to(torch.bfloat16).save_pretrained(out)
+    tok.save(os.path.join(out, "tokenizer.json"))
+    ids = dict(eos_token_id=VOCAB.index(EOS), pad_token_id=VOCAB.index(PAD))
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(ids, bos_token_id=None, torch_dtype="bfloat16", dtype="bfloat16", use_cache=True,
+               attention_dropout=0.0, initializer_range=0.02, use_sliding_window=False, sliding_window=None,
+               max_window_layers=cfg["num_hidden_layers"], rope_scaling=None)
+    files = {"config.json": cfg, "generation_config.json": ids,
+             "tokenizer_config.json": dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=EOS,
+                                           pad_token=PAD, unk_token=UNK, clean_up_tokenization_spaces=False,
+                                           model_max_length=cfg["max_position_embeddings"])}
+    if log is not None:
+        files["pretrain_log.json"] = log
+    for name, d in files.items():
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(d, f, indent=2)
+
+
+def pretrain(args):
+    torch.manual_seed(args.seed)
+    tok = build_tokenizer()
+    if args.init:                                            # continue a run (fresh optimizer and schedule)
+        net = M.Qwen3.from_pretrained(args.init, device=args.device, dtype=torch.float32).train()
+    else:
+        net = M.Qwen3(tiny_config()).to(args.device)
+        for w in net.parameters():                           # as Hugging Face initialises Qwen3
+            if w.dim() == 2:
+                torch.nn.init.normal_(w, std=0.02)
+    n_params = sum(p.numel() for p in net.parameters())
+    decay = [p for p in net.parameters() if p.dim() == 2]
+    rest = [p for p in net.parameters() if p.dim() < 2]
+    cuda = args.device.startswith("cuda")
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=0.1), dict(params=rest, weight_decay=0.0)],
+                            lr=args.lr, betas=(0.9, 0.95), fused=cuda)
+    log = dict(command="python tiny.py pretrain " + " ".join(f"--{k.replace('_', '-')} {v}"
+                                                             for k, v in vars(args).items() if k != "cmd"),
+               device=torch.cuda.get_device_name() if cuda else "cpu", params=n_params, evals=[])
+    data = batches(args.seed, tok, args.batch, args.seq_len)
+    t0, tokens, done, budget = time.time(), 0, 0, 60 * args.max_minutes
+    bar = tqdm(range(args.steps), desc=f"pretrain {n_params / 1e6:.2f}M params")
+    for step in bar:
+        # progress by steps or by time, whichever is further: the cosine always finishes in time
+        progress = max(step / args.steps, (time.time() - t0) / budget)
+        if progress >= 1:
+            break
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ids, P = next(data)
+        ids = torch.from_numpy(ids).to(args.device)
+        with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+            loss, _ = trace_loss(net, ids, P)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        tokens, done = tokens + ids.numel(), done + 1
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}")
+        if args.eval_every and step % args.eval_every == args.eval_every - 1:
+            tok_acc, step_acc = heldout_accuracy(net, tok, args.device, args.seq_len)
+            log["evals"].append(dict(step=step + 1, seconds=round(time.time() - t0), loss=round(loss.item(), 4),
+                                     token_acc=tok_acc, step_acc=step_acc))
+            tqdm.write(f"step {step + 1}: loss {loss.item():.4f}, held-out teacher-forced token acc "
+                       f"{tok_acc:.2%}, step acc {step_acc:.2%}")
+            save_folder(net, tok, args.out, log)
+    seconds = time.time() - t0
+    tok_acc, step_acc = heldout_accuracy(net, tok, args.device, args.seq_len)
+    log.update(steps=done, seconds=round(seconds), tokens=tokens, tokens_per_s=round(tokens / seconds),
+               final_loss=round(loss.item(), 4), token_acc=tok_acc, step_acc=step_acc)
+    save_folder(net, tok, args.out, log)
+    print(f"pretrained {done} steps, {tokens / 1e6:.1f}M tokens in {seconds:.0f} s ({tokens / seconds:.0f} tokens/s) "
+          f"on {log['device']}; final loss {loss.item():.4f}; held-out teacher-forced token acc {tok_acc:.2%}, "
+          f"step acc {step_acc:.2%}; saved {args.out}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data", help="write problems as JSON lines {prompt, answer, text}")
+    d.add_argument("--n", type=int, default=200, help="number of problems")
+    d.add_argument("--seed", type=int, default=1, help="problem seed (pretraining draws from its own --seed)")
+    d.add_argument("--out", required=True, help="output .jsonl")
+    d.add_argument("--n-x", type=int, default=N_X, help=f"defined variables per problem (<= {len(X_NAMES)})")
+    d.add_argument("--n-y", type=int, default=N_Y, help=f"program steps per problem (<= {len(Y_NAMES)})")
+    t = sub.add_parser("pretrain", help="train the tiny Qwen3 from scratch and save a Hugging Face folder")
+    t.add_argument("--out", default="tiny", help="output model folder (rewritten at every eval and at the end)")
+    t.add_argument("--steps", type=int, default=4000, help="optimizer steps at most (see --max-minutes)")
+    t.add_argument("--max-minutes", type=float, default=10.0,
+                   help="wall-clock budget: the cosine schedule runs on max(step/steps, time/budget), stops at 1")
+    t.add_argument("--batch", type=int, default=32, help="rows of --seq-len tokens per step (shorter problems: "
+                                                         "proportionally more of them)")
+    t.add_argument("--seq-len", type=int, default=5120, help="tokens of the largest training problem "
+                                                             "(5120: 317 variables, 127 steps; covers the default task)")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine to 10%% of it)")
+    t.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    t.add_argument("--eval-every", type=int, default=250, help="held-out teacher-forced accuracy and a save every "
+                                                               "this many steps (0: only at the end)")
+    t.add_argument("--seed", type=int, default=1234, help="seed of the weights and of the problem stream "
+                                                          "(use a new one with --init)")
+    t.add_argument("--init", help="start from this model folder's weights instead of from scratch")
+    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = p.parse_args(argv)
+    if args.cmd == "data":
+        if args.n < 1:
+            raise SystemExit("error: --n must be >= 1")
+        try:
+            write_jsonl(args.out, args.n, args.seed, args.n_x, args.n_y)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        print(f"wrote {args.n} problems of {n_tokens(args.n_x, args.n_y)} tokens to {args.out}")
+    else:
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if args.steps < 1 or args.batch < 1 or args.max_minutes <= 0:
+            raise SystemExit("error: --steps and --batch must be >= 1 and --max-minutes > 0")
+        try:
+            sizes_for(args.seq_len)
+            if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
+                raise ValueError(f"--init {args.init}: no config.json there (expected a model folder)")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        pretrain(args)
+
+
+if __name__ == "__main__":
+    main()
