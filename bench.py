@@ -1,4 +1,6 @@
-"""Benchmarks. `python bench.py kernel`: the paged block-sparse decode kernel (kernel_decode.py)
+"""Benchmarks on a CUDA GPU. `python bench.py e2e`: whole-model decode of Qwen3-4B/8B shapes
+(random weights) with dense and seer attention against Hugging Face transformers, each step
+beside its byte floor. `python bench.py kernel`: the paged block-sparse decode kernel (kernel_decode.py)
 against dense SDPA and against its own dense mode, on random bf16 data, Qwen3-4B/8B attention
 shapes (Hq 32, Hk 8, D 128). Times are medians of CUDA-graph replays (launch cost excluded, as
 in a graph-captured decode step), each replay running the call on several page tables so that
@@ -143,8 +145,148 @@ def plot(rows, path, dev):
     print(f"# wrote {path}")
 
 
+# ---- e2e: whole-model decode ----
+
+SHAPES = {  # SPEC §1
+    "qwen3-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}
+
+
+def random_model(shape):
+    """Qwen3 of a published shape, random bf16 weights, on the GPU (no download)."""
+    import model as M
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        net = M.Qwen3(M.Qwen3Config(**SHAPES[shape], max_position_embeddings=131072)).eval()
+    torch.set_default_dtype(prev)
+    return net
+
+
+def step_bytes(net, B, ctx, sparsity, S, gates):
+    """Bytes one decode step must read: the weights except the embedding table (a tied lm_head
+    reads it, so then it counts), K and V of the tokens attended (the measured share), and
+    the gate keys of every complete block when seer scores them."""
+    cfg = net.config
+    w = sum(p.numel() * p.element_size() for n, p in net.named_parameters() if not n.startswith("embed_tokens"))
+    if cfg.tie_word_embeddings:
+        w += net.embed_tokens.weight.numel() * 2
+    L, Hk, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    kv = B * L * Hk * ctx * (1 - sparsity) * 2 * D * 2
+    pooled = B * L * Hk * (ctx // S) * net.layers[0].self_attn.attn_gate.dg * 2 if gates else 0
+    return w + kv + pooled
+
+
+def bench_ours(net, B, ctx, attn, budget, steps, S=64):
+    """ms per decode step (CUDA graph replays), measured sparsity. The cache holds random K, V
+    and gate keys for ctx tokens per sequence (prefill is not what is timed)."""
+    import gate as GT
+    import generate as gen
+    import model as M
+    cache = M.PagedKVCache(net.config, B * -(-(ctx + steps + 1) // S), S, "cuda", torch.bfloat16)
+    select = GT.Selector(attn, net, cache, budget)
+    for t in [cache.k, cache.v] + list((cache.pooled or {}).values()):
+        t.normal_()
+    for b in range(B):
+        cache.allocate(b, ctx + steps + 1)
+    table = cache.block_table(list(range(B)))
+    lengths = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+    tokens = torch.randint(0, net.config.vocab_size, (B,), device="cuda")
+    run = gen.GraphRunner(net, cache, select, B, table.shape[1])
+    for _ in range(3):
+        run(tokens, table, lengths)
+    select.read.zero_(), select.total.zero_()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        tokens = run(tokens, table, lengths).argmax(-1)
+        lengths += 1
+    end.record()
+    torch.cuda.synchronize()
+    ms, sparsity = start.elapsed_time(end) / steps, select.sparsity()
+    del run, cache
+    torch.cuda.empty_cache()
+    return ms, sparsity
+
+
+def bench_hf(shape, B, ctx, steps):
+    """ms per step of dense decode through transformers' generate (sdpa): the faster of the
+    dynamic and static caches; the time of a 1-token generate (the prefill) is subtracted."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    cfg = Qwen3Config(**SHAPES[shape], max_position_embeddings=131072, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = Qwen3ForCausalLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (B, ctx), device="cuda")
+    best = {}
+    for impl in ("dynamic", "static"):
+        try:
+            times = []
+            for n in (1, 1 + steps):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                            cache_implementation=impl, pad_token_id=0)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            best[impl] = (times[1] - times[0]) / steps * 1e3
+        except Exception as e:  # the baseline is optional: report and go on
+            print(f"# transformers {impl} cache failed at batch {B}, {ctx}: {type(e).__name__}: {str(e)[:100]}")
+        torch.cuda.empty_cache()
+    del hf
+    torch.cuda.empty_cache()
+    return min(best.values()) if best else float("nan"), min(best, key=best.get) if best else "-"
+
+
+def bench_e2e(args):
+    import generate as gen
+    import gate as GT
+    gen.use_kernel(args.kernel, "cuda")
+    dev = torch.cuda.get_device_name()
+    copy_gbs = copy_bandwidth()
+    print(f"# {dev}, torch {torch.__version__}; device-to-device copy {copy_gbs:.0f} GB/s; bf16, block 64, "
+          f"{args.steps} decode steps after a random {{context}}-token cache; kernel {args.kernel}")
+    print("# floor = bytes that must be read / copy bandwidth; ×dense = our dense step / this step")
+    cols = ["shape", "batch", "context", "attn", "budget", "ms/step", "tok/s", "sparsity", "floor ms",
+            "×floor", "×dense"]
+    print(" ".join(f"{c:>9}" for c in cols))
+    hf_ours = {}
+    for shape in args.shape:
+        net = random_model(shape)
+        GT.attach_gates(net, block_size=64)
+        cfg = net.config
+        for B in args.batch:
+            for ctx in args.context:
+                kv = B * (ctx + args.steps + 64) * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+                if kv * 1.1 + (2 << 30) > torch.cuda.mem_get_info()[0]:
+                    print(f"# skip {shape} batch {B} context {ctx}: the KV cache needs {kv / 2**30:.0f} GiB")
+                    continue
+                dense = None
+                for attn, budget in [("dense", None)] + [("seer", b) for b in args.budget]:
+                    ms, sp = bench_ours(net, B, ctx, attn, budget, args.steps)
+                    dense = dense or ms
+                    floor = step_bytes(net, B, ctx + args.steps // 2, sp, 64, attn == "seer") / copy_gbs / 1e6
+                    hf_ours[(shape, B, ctx)] = dense
+                    print(f"{shape:>9} {B:>9} {ctx:>9} {attn:>9} {budget or '-':>9} {ms:>9.2f} {B * 1e3 / ms:>9.0f} "
+                          f"{sp:>9.3f} {floor:>9.2f} {ms / floor:>9.2f} {dense / ms:>9.2f}", flush=True)
+        del net
+        torch.cuda.empty_cache()
+    for spec in args.hf:
+        shape, B, ctx = spec.split(":")
+        B, ctx = int(B), int(ctx)
+        ms, impl = bench_hf(shape, B, ctx, args.hf_steps)
+        ours = hf_ours.get((shape, B, ctx))
+        ratio = f"ours dense is {ms / ours:.1f}x faster" if ours else "ours not measured here"
+        print(f"# transformers {shape} batch {B} context {ctx}: {ms:.1f} ms/step ({impl} cache, sdpa); {ratio}",
+              flush=True)
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     k = sub.add_parser("kernel", help="block-sparse paged decode kernel vs dense SDPA")
     k.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 32], help="batch sizes")
@@ -156,10 +298,25 @@ def main():
     k.add_argument("--splits", type=int, default=None, help="force the number of KV splits")
     k.add_argument("--plot", nargs="?", const="bench_kernel.png", default=None,
                    help="write a PNG of speedup vs sparsity (default bench_kernel.png)")
+    e = sub.add_parser("e2e", help="whole-model decode: ours dense and seer vs transformers")
+    e.add_argument("--shape", nargs="+", default=["qwen3-8b", "qwen3-4b"], choices=list(SHAPES),
+                   help="model shapes (random weights)")
+    e.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16], help="batch sizes")
+    e.add_argument("--context", type=int, nargs="+", default=[8192, 32768, 65536],
+                   help="tokens already in the cache when timing starts")
+    e.add_argument("--budget", type=int, nargs="+", default=[2048, 4096], help="seer token budgets")
+    e.add_argument("--steps", type=int, default=256, help="decode steps timed")
+    e.add_argument("--kernel", default="tilelang", choices=["tilelang", "torch"],
+                   help="decode attention: the TileLang kernel or the PyTorch reference")
+    e.add_argument("--hf", nargs="*", default=["qwen3-8b:8:8192", "qwen3-8b:1:32768"],
+                   help="transformers baselines as shape:batch:context (none: skip)")
+    e.add_argument("--hf-steps", type=int, default=32, help="decode steps timed for transformers")
     args = parser.parse_args()
     t0 = time.time()
     if args.cmd == "kernel":
         bench_kernel(args)
+    else:
+        bench_e2e(args)
     print(f"# {time.time() - t0:.0f} s")
 
 

@@ -4,7 +4,12 @@ float64 attention written here); GPU tests skip without CUDA.
     python -m pytest -q test_all.py
 """
 import json
+import math
 import os
+import random
+import re
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -12,10 +17,15 @@ import pytest
 import torch
 
 import generate as gen
+import kernel_decode
 import model as M
+import train_gate as TG
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda_triton = pytest.mark.skipif(not torch.cuda.is_available() or TG.triton is None, reason="needs CUDA and Triton")
+HAS_CUDA = torch.cuda.is_available() and kernel_decode.tilelang is not None
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and tilelang")
 
 
 def make_hf_model(path, tied=False, hq=4, hk=2, d=64, layers=2, hidden=64, vocab=128, seed=0, shard=None):
@@ -26,7 +36,7 @@ def make_hf_model(path, tied=False, hq=4, hk=2, d=64, layers=2, hidden=64, vocab
                       num_attention_heads=hq, num_key_value_heads=hk, head_dim=d, tie_word_embeddings=tied,
                       max_position_embeddings=1024, rope_theta=10000.0, eos_token_id=vocab - 1)
     hf = Qwen3ForCausalLM(cfg).float().eval()
-    with torch.no_grad():   # default init gives near-uniform attention; make it peaky and norms non-trivial
+    with torch.no_grad():   # norm weights away from 1 (so a missed norm shows), larger projections
         for name, p in hf.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
@@ -365,3 +375,391 @@ def test_cuda_graph_replay_equals_eager_decode(tmp_path, attn):
     if attn == "seer":                                   # full budget: seer equals dense
         cache = M.PagedKVCache(net.config, 64, 8, "cuda")
         assert gen.generate(net, cache, prompts, 64, select=GT.Selector("dense", net, cache)) == outs[0]
+
+
+# ---- the decode kernel (kernel_decode.py) against a float64 reference written here ----
+
+def reference_decode(q, k_pages, v_pages, table, lengths, blocks, scale):
+    """Float64, one sequence and KV head at a time: gather the kept tokens, softmax, sum."""
+    B, Hq, D = q.shape
+    S, Hk = k_pages.shape[1], k_pages.shape[2]
+    G = Hq // Hk
+    out = torch.empty(B, Hq, D, dtype=torch.float64)
+    for b in range(B):
+        n = int(lengths[b])
+        nblk = -(-n // S)
+        for h in range(Hk):
+            keep = range(nblk) if blocks is None else [int(j) for j in blocks[b, h] if 0 <= j < nblk]
+            keep = torch.tensor(sorted(keep))
+            pages = table[b, keep].long()                                   # [n_keep]
+            pos = (keep[:, None] * S + torch.arange(S)).reshape(-1)         # token positions
+            k = k_pages[pages, :, h].reshape(-1, D)[pos < n].double()      # [T, D]
+            v = v_pages[pages, :, h].reshape(-1, D)[pos < n].double()
+            qg = q[b, h * G:(h + 1) * G].double()                          # [G, D]
+            out[b, h * G:(h + 1) * G] = torch.softmax(qg @ k.T * scale, -1) @ v
+    return out
+
+
+def kernel_inputs(dtype, Hq, Hk, D, S, lengths, sparse, seed, extra_pages=3):
+    """Random pages (NaN in unwritten slots), shuffled page tables with garbage tails, and
+    duplicate-free selections padded with -1 at random places."""
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    nblks = [-(-n // S) for n in lengths]
+    B, NB = len(lengths), max(nblks) + 2
+    P = sum(nblks) + extra_pages
+    k_pages = torch.randn(P, S, Hk, D, generator=g).to(dtype)
+    v_pages = torch.randn(P, S, Hk, D, generator=g).to(dtype)
+    perm = torch.randperm(P, generator=g).tolist()
+    table = torch.randint(-2**30, 2**30, (B, NB), generator=g, dtype=torch.int32)  # garbage
+    for b, nb in enumerate(nblks):
+        pages = [perm.pop() for _ in range(nb)]
+        table[b, :nb] = torch.tensor(pages, dtype=torch.int32)
+        tail = lengths[b] - (nb - 1) * S        # tokens used in the last page
+        k_pages[pages[-1], tail:] = float("nan")
+        v_pages[pages[-1], tail:] = float("nan")
+    blocks = None
+    if sparse:
+        rows = [[rng.sample(range(nb), rng.randint(1, nb)) for _ in range(Hk)] for nb in nblks]
+        K = max(len(r) for rs in rows for r in rs) + 2
+        blocks = torch.full((B, Hk, K), -1, dtype=torch.int32)
+        for b in range(B):
+            for h in range(Hk):
+                pos = sorted(rng.sample(range(K), len(rows[b][h])))
+                blocks[b, h, pos] = torch.tensor(rows[b][h], dtype=torch.int32)
+    q = torch.randn(B, Hq, D, generator=g).to(dtype)
+    return q, k_pages, v_pages, table, torch.tensor(lengths, dtype=torch.int32), blocks
+
+
+def run_kernel(q, k_pages, v_pages, table, lengths, blocks, **kw):
+    dev = [t.cuda() if t is not None else None for t in (q, k_pages, v_pages, table, lengths, blocks)]
+    return kernel_decode.decode_attention(*dev, **kw).cpu()
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+# (dtype, D, S, G): every dtype, head dim, page size and G = 1..8 appear, not the full product
+CONFIGS = [
+    (torch.bfloat16, 128, 64, 4), (torch.bfloat16, 128, 16, 1), (torch.bfloat16, 64, 32, 8),
+    (torch.float16, 128, 128, 2), (torch.float16, 64, 64, 3), (torch.float16, 128, 32, 6),
+    (torch.bfloat16, 64, 128, 5), (torch.float16, 64, 16, 7),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+@pytest.mark.parametrize("dtype,D,S,G", CONFIGS, ids=lambda c: str(c).replace("torch.", ""))
+def test_decode_kernel_matches_float64_reference_decode(dtype, D, S, G, sparse):
+    Hk = 2
+    # ragged: a single token, under one page, exact multiples, long with a partial page
+    lengths = [1, S - 3, S, 4 * S, 37 * S + 5, 9001]
+    for seed in range(2):  # fresh inputs, different split counts
+        inputs = kernel_inputs(dtype, G * Hk, Hk, D, S, lengths, sparse, seed=seed + 100 * S + G)
+        out = run_kernel(*inputs, splits=[None, 5][seed])
+        ref = reference_decode(*inputs, scale=1 / math.sqrt(D))
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) <= 1e-2, (seed, rel_err(out, ref))
+
+
+@needs_gpu
+def test_decode_kernel_writes_every_output_element():
+    q, k, v, table, lengths, blocks = kernel_inputs(torch.bfloat16, 32, 8, 128, 64, [1, 65, 4000], True, 7)
+    # poison what torch.empty hands out next, then run: no NaN may survive
+    torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)
+    out = run_kernel(q, k, v, table, lengths, blocks)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, reference_decode(q, k, v, table, lengths, blocks, 1 / math.sqrt(128))) <= 1e-2
+
+
+@needs_gpu
+def test_decode_kernel_custom_scale_and_many_splits():
+    inputs = kernel_inputs(torch.bfloat16, 16, 4, 128, 64, [3000, 17, 64 * 9], True, 3)
+    for splits in (1, 2, kernel_decode.MAX_SPLITS):
+        out = run_kernel(*inputs, scale=0.05, splits=splits)
+        assert rel_err(out, reference_decode(*inputs, scale=0.05)) <= 1e-2, splits
+
+
+@needs_gpu
+def test_decode_kernel_skips_bad_block_ids_and_check_rejects_them():
+    q, k, v, table, lengths, blocks = kernel_inputs(torch.bfloat16, 8, 2, 64, 32, [100, 700], True, 5)
+    bad = blocks.clone()
+    bad[0, 0, bad[0, 0].tolist().index(-1)] = 10       # past sequence 0's 4 blocks (NBmax 24)
+    bad[1, 1, bad[1, 1].tolist().index(-1)] = 10**6    # past the block table
+    out = run_kernel(q, k, v, table, lengths, bad)
+    ref = reference_decode(q, k, v, table, lengths, blocks, 1 / math.sqrt(64))
+    assert rel_err(out, ref) <= 1e-2
+    with pytest.raises(ValueError):
+        run_kernel(q, k, v, table, lengths, bad, check=True)
+    dup = blocks.clone()
+    row = dup[1, 0].tolist()
+    dup[1, 0, row.index(-1)] = max(row)                 # a repeated id
+    with pytest.raises(ValueError):
+        run_kernel(q, k, v, table, lengths, dup, check=True)
+    run_kernel(q, k, v, table, lengths, blocks, check=True)
+
+
+def test_decode_kernel_rejects_bad_inputs_before_launch():
+    if kernel_decode.tilelang is None:
+        pytest.skip("tilelang is not installed")
+    dev = "cuda" if HAS_CUDA else "cpu"
+    q = torch.randn(2, 8, 64, dtype=torch.bfloat16, device=dev)
+    kv = torch.randn(10, 16, 2, 64, dtype=torch.bfloat16, device=dev)
+    table = torch.zeros(2, 4, dtype=torch.int32, device=dev)
+    lengths = torch.ones(2, dtype=torch.int32, device=dev)
+    cases = [dict(q=q.float()), dict(q=q.transpose(1, 2).contiguous().transpose(1, 2)),
+             dict(k_pages=kv[..., :32].contiguous()), dict(q=q[:, :7]),
+             dict(block_table=table.long()), dict(lengths=lengths[:1]),
+             dict(blocks=torch.zeros(2, 3, 4, dtype=torch.int32, device=dev))]
+    if HAS_CUDA:
+        cases.append(dict(q=q.cpu()))
+    for case in cases:
+        args = dict(q=q, k_pages=kv, v_pages=kv, block_table=table, lengths=lengths) | case
+        with pytest.raises(ValueError):
+            kernel_decode.decode_attention(**args)
+
+
+@pytest.mark.skipif(kernel_decode.tilelang is None or shutil.which("nvcc") is None,
+                    reason="compiling for sm_90 needs tilelang and nvcc")
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_decode_kernel_compiles_for_sm90_at_model_shapes(dense):
+    """Qwen3-4B/8B decode shapes (bf16, Hq 32, Hk 8, D 128, page 64): lowers and builds."""
+    import tilelang
+    import tvm
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    with target:  # lowering without a GPU needs the target in scope
+        art = tilelang.lower(kernel_decode.build(torch.bfloat16, 32, 8, 128, 64, dense),
+                             target=target, enable_device_compile=True)
+    assert "decode_kernel" in art.kernel_source
+
+
+# ---- gate training (train_gate.py) ----
+
+def peaked_model(path, hq=4, hk=2, d=32, layers=2, hidden=64, vocab=128, seed=0):
+    """A small Qwen3 saved by transformers, q_norm/k_norm weights raised so attention is peaked (a real
+    signal for the gate; scaling q_proj/k_proj would not, the norms undo it), and a word-level
+    tokenizer.json (w0 .. w126, <eos>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=hq, num_key_value_heads=hk, head_dim=d, max_position_embeddings=1024,
+                      rope_theta=10000.0, eos_token_id=vocab - 1)
+    hf = Qwen3ForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "q_norm" in name or "k_norm" in name:
+                p.fill_(2.0)
+    hf.save_pretrained(path)
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab - 1)} | {"<eos>": vocab - 1}, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.save(os.path.join(path, "tokenizer.json"))
+    return str(path)
+
+
+def word_docs(n, length, seed=0):
+    """Documents with repeated structure: a few motifs of words recurring in random order."""
+    g = torch.Generator().manual_seed(seed)
+    motifs = [torch.randint(0, 127, (8,), generator=g).tolist() for _ in range(6)]
+    docs = []
+    for _ in range(n):
+        words = []
+        while len(words) < length:
+            words += motifs[int(torch.randint(0, 6, (1,), generator=g))]
+        docs.append(" ".join(f"w{w}" for w in words[:length]))
+    return docs
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def naive_target(qr, kr, S, t):
+    """SPEC §5 written out in float64 for query t: [Hk, t // S] over complete blocks before t's block."""
+    T, Hq, D = qr.shape
+    Hk = kr.shape[1]
+    G = Hq // Hk
+    out = torch.zeros(Hk, t // S, dtype=torch.float64)
+    for h in range(Hk):
+        for g in range(G):
+            p = torch.softmax(qr[t, h * G + g].double() @ kr[: t + 1, h].double().T / math.sqrt(D), -1)
+            for j in range(t // S):
+                out[h, j] = max(out[h, j], p[j * S:(j + 1) * S].max())
+    return out / out.sum(-1, keepdim=True)
+
+
+def check_target(stats_fn, dtype, device, tol):
+    torch.manual_seed(0)
+    T, Hq, Hk, D, S = 150, 6, 2, 32, 16
+    qr = (3 * torch.randn(T, Hq, D)).to(dtype).to(device)
+    kr = torch.randn(T, Hk, D).to(dtype).to(device)
+    nb = T // S
+    for t0, t1 in ((16, 70), (70, 150)):                 # two chunks, the second past the last full block
+        rows = torch.arange(t0, t1, device=device)
+        bmax, blse, lse = stats_fn(qr, kr, t0, t1, S, True)
+        got = TG.target(bmax, lse, rows, nb, S).double().cpu()
+        mass = (blse - lse[..., None]).exp().sum(-1).cpu()         # every row's softmax sums to one
+        assert torch.allclose(mass, torch.ones_like(mass), atol=1e-4)
+        for t in range(t0, t1):
+            want = naive_target(qr.cpu(), kr.cpu(), S, t)
+            assert torch.allclose(got[t - t0, :, : t // S], want, atol=tol), t
+            assert (got[t - t0, :, t // S:] == 0).all()
+
+
+def test_fused_target_matches_float64_reference_cpu():
+    check_target(TG.block_stats_torch, torch.float32, "cpu", 1e-5)
+
+
+@cuda_triton
+def test_fused_target_matches_float64_reference_triton():
+    check_target(TG.block_stats_triton, torch.bfloat16, "cuda", 1e-4)   # reference from the same bf16 inputs
+
+
+def test_chunked_gate_logits_equal_attngate_scores():
+    import gate as GT
+    torch.manual_seed(1)
+    gate = GT.AttnGate(2, 3, 16, 8, 4, True, 100.0)
+    q, k = torch.randn(37, 6, 16), torch.randn(37, 2, 16)
+    rows = torch.arange(20, 37)
+    got = TG.gate_logits(gate, q[20:], rows, TG.gate_keys(gate, k, 37 // 4))
+    assert torch.allclose(got, gate.scores(q, k)[20:], atol=1e-5)
+
+
+def base_args(model, data, out, *extra):
+    return ["--model", model, "--data", data, "--out", str(out), "--seq-len", "128", "--block-size", "16",
+            "--gate-hidden", "16", "--batch", "2", "--eval-seqs", "2", "--eval-budgets", "16,32",
+            "--eval-every", "0", "--log-every", "100", "--save-every", "2", "--q-chunk", "24", *extra]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    model = peaked_model(d / "m")
+    data = write_jsonl(d / "train.jsonl", [{"text": t} for t in word_docs(12, 300)])
+    return d, model, data
+
+
+def test_loss_falls_over_30_steps_and_gate_recall_improves(setup):
+    d, model, data = setup
+    hist = TG.main(base_args(model, data, d / "falls", "--steps", "30", "--lr", "3e-2", "--warmup", "3",
+                               "--eval-every", "30"))
+    loss = hist["loss"]
+    assert len(loss) == 30 and sum(loss[-5:]) / 5 < 0.75 * loss[0], loss
+    rec = hist["recall"][30]
+    for (name, budget), r in rec.items():
+        assert 0 < r <= 1 + 1e-6, (name, budget)
+        assert rec[name, 32] >= rec[name, 16] - 1e-6
+        assert rec["oracle", budget] >= rec["gate", budget] - 0.02         # ranking by block max is near-optimal
+    assert rec["gate", 16] > hist["recall"][0]["gate", 16] + 0.02       # training helped the selection
+
+
+def read_gates(out):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def test_resume_after_interruption_gives_identical_gates(setup, monkeypatch):
+    d, model, data = setup
+    TG.main(base_args(model, data, d / "full", "--steps", "6", "--warmup", "2"))
+    TG.main(base_args(model, data, d / "cut", "--steps", "6", "--warmup", "2", "--stop-after", "3"))
+    TG.main(base_args(model, data, d / "cut", "--steps", "6", "--warmup", "2", "--resume"))
+    full = read_gates(d / "full")
+    assert all(torch.equal(full[k], v) for k, v in read_gates(d / "cut").items())
+    # SIGTERM mid-run: the step in flight is dropped, the last whole step saved, --resume finishes it
+    real = TG.lr_at
+    monkeypatch.setattr(TG, "lr_at", lambda s, a: (os.kill(os.getpid(), signal.SIGTERM) if s == 4 else None,
+                                                    real(s, a))[1])
+    with pytest.raises(SystemExit, match="stopped by signal"):
+        TG.main(base_args(model, data, d / "sig", "--steps", "6", "--warmup", "2"))
+    monkeypatch.setattr(TG, "lr_at", real)
+    assert torch.load(d / "sig" / "train_state.pt", weights_only=False)["step"] == 4
+    TG.main(base_args(model, data, d / "sig", "--steps", "6", "--warmup", "2", "--resume"))
+    assert all(torch.equal(full[k], v) for k, v in read_gates(d / "sig").items())
+    # a different gate or data setup is refused, saying what differs
+    with pytest.raises(SystemExit, match="--gate-hidden 16 there vs 8 now"):
+        TG.main(base_args(model, data, d / "full", "--steps", "8", "--resume", "--gate-hidden", "8"))
+    with pytest.raises(SystemExit, match="already holds a run"):
+        TG.main(base_args(model, data, d / "full", "--steps", "8"))
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(setup, monkeypatch):
+    d, model, data = setup
+    out = d / "disk"
+    TG.main(base_args(model, data, out, "--steps", "4", "--stop-after", "2"))
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+
+    def full_disk(obj, f, *a, **k):
+        open(f, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(TG.torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="previous checkpoint there is intact"):
+        TG.main(base_args(model, data, out, "--steps", "4", "--resume"))
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    monkeypatch.undo()
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda t, f, **k: full_disk(None, f))
+    with pytest.raises(SystemExit, match="No space left"):
+        TG.main(base_args(model, data, out, "--steps", "4", "--resume"))
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+def test_trained_gate_folder_runs_in_generate_seer(setup):
+    d, model, data = setup
+    TG.main(base_args(model, data, d / "gen", "--steps", "2", "--eval-seqs", "0"))
+    r = subprocess.run([sys.executable, "generate.py", "--model", model, "--gate", str(d / "gen"), "--attn", "seer",
+                        "--budget", "32", "--block-size", "16", "--max-new-tokens", "8",
+                        "--prompt", " ".join(word_docs(1, 60)[0].split())], cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "attn seer budget 32" in r.stdout
+
+
+def test_data_formats_skip_and_count_bad_lines_and_short_sequences(setup, capsys):
+    d, model, _ = setup
+    long = " ".join(f"w{i % 100}" for i in range(200))
+    data = write_jsonl(d / "mixed.jsonl", [
+        {"text": long}, {"prompt": long, "response": "w1 w2"}, "{not json", {"other": 1}, {"text": "w1 w2"},
+        {"messages": [{"role": "user", "content": long}, {"role": "assistant", "content": "w3"}]}])
+    tokens, spans = TG.load_sequences([data], model, 128, 16, pack=False)
+    out = capsys.readouterr().out
+    assert "skipped 2 malformed line(s), 1 sequence(s) shorter than two blocks" in out
+    assert len(spans) == 3 and all(b - a == 128 for a, b in spans)
+    (d / "doc.txt").write_text(long)
+    tokens, spans = TG.load_sequences([str(d / "doc.txt")], model, 64, 16, pack=True)
+    assert [b - a for a, b in spans] == [64, 64, 64]                   # 200 tokens: the 8-token tail dropped
+    assert TG.render({"prompt": "a", "response": "b"}) == \
+        "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
+
+
+def test_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys):
+    d, model, data = setup
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["{oops", "[1, 2]", '{"txt": "x"}'])
+    (tmp_path / "empty.txt").write_text("")
+    cases = [(["--data", str(tmp_path / "missing.jsonl")], "does not exist"),
+             (["--data", bad], r"no usable text .*\(3 malformed"),
+             (["--data", str(tmp_path / "empty.txt")], r"no usable text .*\(0 malformed"),
+             (["--data", data, "--seq-len", "100"], "must be a multiple of --block-size"),
+             (["--data", data, "--batch", "3", "--micro-batch", "2"], "multiple of --micro-batch"),
+             (["--data", data, "--eval-budgets", "24"], "positive multiple of 16"),
+             (["--data", data, "--eval-seqs", "40"], "leave none for training")]
+    for extra, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            TG.main(["--model", model, "--out", str(tmp_path / "o"), "--block-size", "16", "--seq-len", "128", *extra])
+        assert re.search(msg, f"{e.value} {capsys.readouterr().err}"), msg
+    r = subprocess.run([sys.executable, "train_gate.py", "--model", model, "--out", str(tmp_path / "o"),
+                        "--data", bad], cwd=HERE, capture_output=True, text=True)   # as a script: one line, no trace
+    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.startswith("error: no usable text")
+
+
+def test_two_ranks_over_gloo_match_one_process(setup):
+    d, model, data = setup
+    TG.main(base_args(model, data, d / "one", "--steps", "3", "--batch", "4"))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29517", "train_gate.py", *base_args(model, data, d / "two", "--steps", "3", "--batch", "4")],
+                       cwd=HERE, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = read_gates(d / "one"), read_gates(d / "two")
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
