@@ -21,7 +21,7 @@ import os
 import torch
 import torch.nn as nn
 
-from model import RMSNorm, apply_rope, rope_cos_sin
+from model import RMSNorm, apply_rope, fused, rope_cos_sin
 
 SELECTORS = ("dense", "seer", "quest", "oracle", "window")
 
@@ -214,44 +214,36 @@ class Selector:
                 if sm:
                     pooled[sm][layer, pages] = blocks.float().nan_to_num(0.0).sum(1)
             else:                             # decode: one token per sequence, a running update
-                first, x = (off == 0)[:, None, None], x.to(pooled[mx].dtype)
-                old_max, old_min = pooled[mx][layer, page], pooled[mn][layer, page]
-                pooled[mx][layer, page] = torch.where(first, x, torch.maximum(old_max, x))
-                pooled[mn][layer, page] = torch.where(first, x, torch.minimum(old_min, x))
-                if sm:
-                    pooled[sm][layer, page] = torch.where(first, 0.0, pooled[sm][layer, page]) + x.float()
+                old = [pooled[n][layer, page] for n in (mx, mn, sm) if n]
+                for n, t in zip((mx, mn, sm), running_pool(off == 0, x, *old)):
+                    pooled[n][layer, page] = t
         if self.attn == "seer":               # pages that just filled get their gate key, once
             full = off == S - 1
-            if step.block_table is not None:  # branch-free at decode (CUDA graphs): compute all, keep full
-                pages = page
-            else:
-                pages, full = page[full], full[full]
+            if step.block_table is None:
+                pages, block_ids = page[full], step.positions[full] // S
+            else:                             # branch-free (CUDA graphs): every row computes a key; rows
+                pages = torch.where(full, page, step.cache.scratch)  # whose page is not full write the
+                block_ids = step.positions // S                       # scratch page, which nothing reads
             pooled_k = torch.cat([pooled["kmax"][layer, pages], pooled["kmin"][layer, pages],
                                   (pooled["ksum"][layer, pages] / S).to(pooled["kmax"].dtype)], -1)
-            block_ids = step.positions[off == S - 1] // S if step.block_table is None else step.positions // S
             gk = self.model.layers[layer].self_attn.attn_gate.key(pooled_k, block_ids)
-            old = pooled["gate_k"][layer, pages]
-            pooled["gate_k"][layer, pages] = torch.where(full[:, None, None], gk.to(old.dtype), old)
+            pooled["gate_k"][layer, pages] = gk.to(pooled["gate_k"].dtype)
 
     def __call__(self, layer, step, q, qr):
         """q, qr [B, Hq, D] (pre-/post-RoPE) -> blocks [B, Hk, K] logical ids, -1 padded, or None (dense)."""
         cache, S = step.cache, step.cache.page_size
         B, NB = step.block_table.shape
         Hk = cache.k.shape[3]
-        lengths = step.lengths.long()
-        cur = (lengths - 1) // S                                       # [B] block of the new token
-        j = torch.arange(NB, device=q.device)
-        before = j[None, :] < cur[:, None]                             # [B, NB] complete blocks before it
-        real = lengths > 1                    # a padded row of a CUDA-graph batch holds only its new token
-        self.total += (lengths * real).sum() * Hk
         if self.attn == "dense":
-            self.read += (lengths * real).sum() * Hk
+            real = step.lengths > 1           # a padded row of a CUDA-graph batch holds only its new token
+            self.total += (step.lengths * real).sum() * Hk
+            self.read += (step.lengths * real).sum() * Hk
             return None
+        gate = None
         if self.attn == "seer":
             gate = self.model.layers[layer].self_attn.attn_gate
             gq = gate.query(q, step.positions)                         # [B, Hk, Dg]
-            gk = cache.pooled["gate_k"][layer][step.block_table.long()]  # [B, NB, Hk, Dg]
-            score = torch.einsum("bhe,bjhe->bhj", gq, gk.to(gq.dtype)).float()  # [B, Hk, NB]
+            score = gate_scores(gq, cache.pooled["gate_k"][layer], step.block_table)  # [B, Hk, NB]
         elif self.attn == "quest":
             G = q.shape[1] // Hk
             qg = qr.view(B, Hk, G, -1).float()
@@ -263,20 +255,53 @@ class Selector:
         elif self.attn == "oracle":
             score = block_attention(qr, cache.k[layer], step.block_table, step.lengths).log()
         else:                                                          # window: the most recent blocks
-            score = j[None, None, :].float().expand(B, Hk, NB)
-        score = score.masked_fill(~before[:, None, :], float("-inf"))
+            score = torch.arange(NB, device=q.device).float().expand(B, Hk, NB)
         if self.threshold is not None:
-            keep = (score / math.sqrt(gate.dg)).softmax(-1) > self.threshold
-            chosen = torch.where(keep & before[:, None, :], j, -1)    # [B, Hk, NB]
-        else:
-            k = min(self.budget // S, NB)
-            top = score.topk(k, dim=-1)
-            chosen = torch.where(top.values > float("-inf"), top.indices, -1)  # [B, Hk, k]
-        blocks = torch.cat([chosen, cur[:, None, None].expand(B, Hk, 1)], -1).int()  # [B, Hk, K]
-        valid = blocks >= 0
-        tokens = torch.where(valid, (lengths[:, None, None] - blocks.long() * S).clamp(0, S), 0)
-        self.read += (tokens * real[:, None, None]).sum()
+            score = score / math.sqrt(gate.dg)
+        k = 0 if self.threshold is not None else min(self.budget // S, NB)
+        blocks, read, total = pick_blocks(score, step.lengths, S, k, self.threshold or 0.0)
+        self.read += read
+        self.total += total
         return blocks
+
+
+@fused
+def pick_blocks(score, lengths, S: int, k: int, threshold: float):
+    """score [B, Hk, NB] of every block slot -> (blocks [B, Hk, K] logical ids, -1 padded: the k
+    best (or those with softmax > threshold when k == 0) of the complete blocks before the new
+    token's block, then that block; KV tokens they hold; KV tokens of the dense step).
+    Rows with lengths == 1 are CUDA-graph padding and are not counted."""
+    B, Hk, NB = score.shape
+    cur = (lengths.long() - 1) // S                                    # [B] block of the new token
+    j = torch.arange(NB, device=score.device)
+    before = j[None, :] < cur[:, None]                                 # [B, NB] complete blocks before it
+    score = score.float().masked_fill(~before[:, None, :], float("-inf"))
+    if k == 0:
+        chosen = torch.where((score.softmax(-1) > threshold) & before[:, None, :], j, -1)  # [B, Hk, NB]
+    else:
+        top = score.topk(k, dim=-1)
+        chosen = torch.where(top.values > float("-inf"), top.indices, -1)                # [B, Hk, k]
+    blocks = torch.cat([chosen, cur[:, None, None].expand(B, Hk, 1)], -1)                # [B, Hk, K]
+    tokens = torch.where(blocks >= 0, (lengths[:, None, None] - blocks * S).clamp(0, S), 0)
+    real = lengths > 1
+    return blocks.int(), (tokens * real[:, None, None]).sum(), (lengths * real).sum() * Hk
+
+
+@fused
+def gate_scores(gq, gate_k, table):
+    """gq [B, Hk, Dg]; gate_k [P, Hk, Dg], one layer's gate keys by page; table [B, NB] ->
+    [B, Hk, NB] float32 scores (compiled: the gather and the dot products are one pass)."""
+    gk = gate_k[table.long()]                                          # [B, NB, Hk, Dg]
+    return (gq[:, None].float() * gk.float()).sum(-1).transpose(1, 2)
+
+
+@fused
+def running_pool(first, x, old_max, old_min, old_sum=None):
+    """Decode: fold the new pre- (seer) or post-RoPE (quest) key x [B, Hk, D] of each sequence
+    into its page's running max / min (/ sum), restarting where first [B] (a new page)."""
+    first, xs = first[:, None, None], x.to(old_max.dtype)
+    out = (torch.where(first, xs, torch.maximum(old_max, xs)), torch.where(first, xs, torch.minimum(old_min, xs)))
+    return out if old_sum is None else out + (torch.where(first, 0.0, old_sum) + x.float(),)
 
 
 def block_attention(qr, k_pages, block_table, lengths):

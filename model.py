@@ -15,6 +15,7 @@ Attention at decode goes through `decode_attention` (page tables, lengths, and a
 optional list of selected blocks per KV head), the one place a sparse selector and the
 TileLang kernel plug in.
 """
+import functools
 import json
 import math
 import os
@@ -54,6 +55,26 @@ class Qwen3Config:
                 "attention_bias": False, "torch_dtype": "float32", **d}
 
 
+def fused(fn):
+    """fn through torch.compile when its first argument is a CUDA tensor, plain PyTorch elsewhere.
+    A decode step at small batch is a chain of tiny elementwise ops, each its own kernel
+    (~2 µs even inside a CUDA graph); compiled, each function below is one kernel (nano-vllm
+    does the same). Compiled for dynamic shapes, once per process."""
+    compiled = torch.compile(fn, dynamic=True)
+
+    @functools.wraps(fn)
+    def run(*args):
+        return compiled(*args) if args[0].is_cuda else fn(*args)
+    return run
+
+
+@fused
+def rms_norm(x, weight, eps):
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -61,11 +82,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
+@fused
 def rope_cos_sin(positions, dim, theta, dtype):
     """positions [...] -> cos, sin [..., dim] (angles in float32, as Hugging Face does)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
@@ -74,6 +94,7 @@ def rope_cos_sin(positions, dim, theta, dtype):
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+@fused
 def apply_rope(x, cos, sin):
     """x [..., H, dim]; cos/sin [..., dim] broadcast over heads. rotate_half convention."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -154,7 +175,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+@fused
+def silu_mul(gate, up):
+    return F.silu(gate) * up
 
 
 class Block(nn.Module):
