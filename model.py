@@ -81,24 +81,35 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x):  # flattened to 2-D: one compiled variant for every caller
+        return rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+
+
+def rope_cos_sin(positions, dim, theta, dtype):
+    """positions [...] -> cos, sin [..., dim] (angles in float32, as Hugging Face does)."""
+    cos, sin = cos_sin(positions.reshape(-1), dim, theta, dtype)
+    return cos.view(*positions.shape, dim), sin.view(*positions.shape, dim)
 
 
 @fused
-def rope_cos_sin(positions, dim, theta, dtype):
-    """positions [...] -> cos, sin [..., dim] (angles in float32, as Hugging Face does)."""
+def cos_sin(positions, dim, theta, dtype):
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
-    angles = positions.float()[..., None] * inv_freq             # [..., dim/2]
-    angles = torch.cat([angles, angles], dim=-1)                 # [..., dim]
+    angles = positions.float()[:, None] * inv_freq               # [N, dim/2]
+    angles = torch.cat([angles, angles], dim=-1)                 # [N, dim]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-@fused
 def apply_rope(x, cos, sin):
     """x [..., H, dim]; cos/sin [..., dim] broadcast over heads. rotate_half convention."""
+    lead = x.shape[:-2]
+    cos, sin = (t.expand(*lead, t.shape[-1]).reshape(-1, t.shape[-1]) for t in (cos, sin))
+    return rotate(x.reshape(-1, *x.shape[-2:]), cos, sin).view(x.shape)   # as [N, H, dim]
+
+
+@fused
+def rotate(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[..., None, :] + torch.cat([-x2, x1], dim=-1) * sin[..., None, :]
+    return x * cos[:, None, :] + torch.cat([-x2, x1], dim=-1) * sin[:, None, :]
 
 
 def decode_attention_ref(q, k_pages, v_pages, block_table, lengths, blocks=None, scale=None):

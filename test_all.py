@@ -3,6 +3,7 @@ float64 attention written here); GPU tests skip without CUDA.
 
     python -m pytest -q test_all.py
 """
+import functools
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import torch
 import generate as gen
 import kernel_decode
 import model as M
+import tiny
 import train_gate as TG
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -763,3 +765,258 @@ def test_two_ranks_over_gloo_match_one_process(setup):
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = read_gates(d / "one"), read_gates(d / "two")
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+
+
+# ---- the tiny task and the shipped tiny model (tiny.py, tiny/) ----
+
+LINE = re.compile(r"(y\d+) := (\w+) ([+-]) (\w+) ; (\w+) = (\d+) ; (\w+) = (\d+) ; (\d+) ([+-]) (\d+) = (\d+) ; (y\d+) = (\d+)")
+
+
+def reference_solution(prompt):
+    """An independent reading of a prompt: regexes over the whole text, values by recursion
+    from the definitions (not a forward pass), subtraction as adding the complement mod 10.
+    -> (values of every name, the program as [(y, a, op, b)])."""
+    defs = dict(re.findall(r"^(x\d+) = (\d+)$", prompt, re.M))
+    prog = re.findall(r"^(y\d+) := (\w+) ([+-]) (\w+)$", prompt, re.M)
+    rule = {y: (a, op, b) for y, a, op, b in prog}
+
+    @functools.lru_cache(None)
+    def val(name):
+        if name in defs:
+            return int(defs[name])
+        a, op, b = rule[name]
+        return (val(a) + (val(b) if op == "+" else 10 - val(b))) % 10
+    return {n: val(n) for n in list(defs) + list(rule)}, prog
+
+
+@pytest.mark.parametrize("seed,n_x,n_y", [(0, 300, 120), (1, 5, 40), (2, 50, 3), (3, 400, 200)])
+def test_generated_trace_agrees_with_an_independent_evaluator(seed, n_x, n_y):
+    p = tiny.make_problem(random.Random(seed), n_x, n_y)
+    value, prog = reference_solution(p["prompt"])
+    assert len(prog) == n_y and len([k for k in value if k.startswith("x")]) == n_x
+    lines = p["trace"].split("\n")
+    assert len(lines) == n_y + 1 and lines[-1] == f"answer = {value[prog[-1][0]]}" and p["answer"] == lines[-1][9:]
+    for i, ((y, a, op, b), line) in enumerate(zip(prog, lines)):
+        m = LINE.fullmatch(line)
+        assert m, f"step {i + 1} malformed: {line!r}"
+        g = m.groups()
+        assert g[:4] == (y, a, op, b) and g[4] == a and g[6] == b and g[12] == y and g[9] == op
+        assert int(g[5]) == int(g[8]) == value[a] and int(g[7]) == int(g[10]) == value[b]
+        assert int(g[11]) == int(g[13]) == value[y]
+        # every operand was stated before the step that reads it: a definition or an earlier step
+        for o in (a, b):
+            assert o in value and (o.startswith("x") or [s[0] for s in prog].index(o) < i)
+    assert [s[0] for s in prog] == [f"y{i}" for i in range(1, n_y + 1)]    # y names in program order
+
+
+def test_score_accepts_the_reference_trace_and_recomputes_from_the_prompt():
+    p = tiny.make_problem(random.Random(5), 40, 30)
+    assert tiny.score(p, p["trace"]) == (True, 30, 30)
+    assert tiny.score(p["prompt"], p["trace"], strict=True) == (True, 30, 30)
+    other = tiny.make_problem(random.Random(6), 40, 30)             # a trace of another problem scores ~0
+    ok, steps, _ = tiny.score(p, other["trace"])
+    assert steps == 0
+    assert tiny.score(p, "") == (False, 0, 30)
+
+
+def corrupt(trace, i, token_index):
+    """Change one token (a value) of trace line i to another value."""
+    lines = [line.split() for line in trace.split("\n")]
+    w = lines[i][token_index]
+    lines[i][token_index] = str((int(w) + 3) % 10)
+    return "\n".join(" ".join(line) for line in lines)
+
+
+def test_score_marks_a_corrupted_step_wrong_at_that_step():
+    p = tiny.make_problem(random.Random(7), 60, 50)
+    value, prog = reference_solution(p["prompt"])
+    k = next(i for i, (y, a, op, b) in enumerate(prog) if i > 10 and any(y in (s[1], s[3]) for s in prog[i + 1:]))
+    y = prog[k][0]
+    users = [j for j, s in enumerate(prog) if j > k and y in (s[1], s[3])]
+    # a wrong looked-up value: that step only, answer unaffected
+    bad = corrupt(p["trace"], k, 8)
+    assert tiny.score(p, bad) == (True, 49, 50)
+    lines = bad.split("\n")
+    for j in range(50):                                             # every prefix: all right but step k
+        assert tiny.score(p, "\n".join(lines[:j + 1]))[1] == (j + 1 if j < k else j)
+    # a wrong result at step k, carried on consistently by every later step (the trace rebuilt here):
+    # step by step only k is wrong; against the true values (strict) so is every step it changed
+    carried, wrong = dict(value), []
+    for i, (yi, a, op, b) in enumerate(prog):
+        va, vb = carried[a], carried[b]
+        r = (va + vb) % 10 if op == "+" else (va - vb) % 10
+        carried[yi] = (r + 3) % 10 if i == k else r
+        wrong.append(f"{yi} := {a} {op} {b} ; {a} = {va} ; {b} = {vb} ; {va} {op} {vb} = {carried[yi]} "
+                     f"; {yi} = {carried[yi]}")
+    same = sum(w == t for w, t in zip(wrong, p["trace"].split("\n")))
+    assert users and same < 49
+    bad = "\n".join(wrong + [f"answer = {carried[prog[-1][0]]}"])
+    assert tiny.score(p, bad)[1:] == (49, 50)
+    assert tiny.score(p, bad, strict=True)[1:] == (same, 50)
+    # a wrong final answer, a missing answer, and a dropped line (everything after it misaligned)
+    assert tiny.score(p, p["trace"].rsplit("=", 1)[0] + f"= {(value[prog[-1][0]] + 1) % 10}") == (False, 50, 50)
+    assert tiny.score(p, p["trace"].rsplit("\n", 1)[0]) == (False, 50, 50)
+    dropped = p["trace"].split("\n")
+    del dropped[k]
+    assert tiny.score(p, "\n".join(dropped))[1] <= k + 1
+
+
+def test_tokenizer_round_trips_task_text_one_token_per_word(tmp_path):
+    tok = tiny.build_tokenizer()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    from tokenizers import Tokenizer
+    loaded = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    unk = tiny.VOCAB.index(tiny.UNK)
+    for seed in range(3):
+        p = tiny.make_problem(random.Random(seed), 100, 60)
+        text = p["prompt"] + p["trace"]
+        for t in (tok, loaded):
+            enc = t.encode(text + tiny.EOS)
+            assert unk not in enc.ids
+            assert len(enc.ids) == len(re.findall(r"\n|[^ \n]+", text)) + 1 == tiny.n_tokens(100, 60) + 1
+            assert enc.ids[-1] == tiny.VOCAB.index(tiny.EOS)
+            assert t.decode(enc.ids) == text                          # <|endoftext|> skipped
+            assert t.decode(enc.ids, skip_special_tokens=False) == text + " " + tiny.EOS
+            # the prompt and the generated trace decode on their own, as generate.py does
+            assert t.decode(t.encode(p["prompt"]).ids) == p["prompt"]
+            assert t.decode(t.encode(p["trace"]).ids) == p["trace"]
+    # streaming: decoding a growing prefix only ever appends
+    ids = tok.encode(p["trace"]).ids[:80]
+    prev = ""
+    for n in range(1, len(ids) + 1):
+        now = tok.decode(ids[:n])
+        assert now.startswith(prev)
+        prev = now
+
+
+def test_problems_are_reproducible_from_the_seed(tmp_path):
+    assert tiny.make_problem(random.Random(11)) == tiny.make_problem(random.Random(11)) == tiny.make_problem(11)
+    assert tiny.make_problem(random.Random(11)) != tiny.make_problem(random.Random(12))
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    tiny.write_jsonl(str(a), 3, seed=4, n_x=20, n_y=10)
+    tiny.write_jsonl(str(b), 3, seed=4, n_x=20, n_y=10)
+    assert a.read_bytes() == b.read_bytes()
+    rng = random.Random(4)
+    for line in a.read_text().splitlines():
+        rec, p = json.loads(line), tiny.make_problem(rng, 20, 10)
+        assert rec == dict(prompt=p["prompt"], answer=p["answer"], text=p["prompt"] + p["trace"])
+
+
+def test_default_problem_is_at_least_4k_tokens_and_lookups_reach_far_back():
+    p = tiny.make_problem(random.Random(0))
+    text = p["prompt"] + p["trace"]
+    assert len(tiny.build_tokenizer().encode(text).ids) >= 4096
+    words = re.findall(r"\n|[^ \n]+", text)
+    start = len(re.findall(r"\n|[^ \n]+", p["prompt"]))
+    last, dist = {}, []                                            # where each fact was last stated
+    for i in range(len(words) - 1):
+        if words[i + 1] == "=" and words[i][0] in "xy":
+            if i >= start and words[i - 1] == ";" and words[i + 3] == ";":   # a lookup, not a result
+                dist.append(i - last[words[i]])
+            last[words[i]] = i
+    assert len(dist) == 2 * tiny.N_Y
+    assert sorted(dist)[len(dist) // 2] > 512                      # even to the latest restatement
+
+
+def test_training_batches_fit_the_sequence_length_and_mask_only_the_prompt():
+    tok, rng = tiny.build_tokenizer(), random.Random(0)
+    n_x, n_y = tiny.sizes_for(5120)
+    sizes = set()
+    for _ in range(12):
+        ids, P = tiny.make_batch(rng, tok, 2, 5120)
+        T = ids.shape[1]
+        assert T <= 5120 and ids.shape[0] * T <= 2 * 5120 and ids.shape[0] >= 1
+        assert (ids[:, -1] == tiny.VOCAB.index(tiny.EOS)).all() and (ids[:, P - 1] == tiny.VOCAB.index("\n")).all()
+        assert (ids[:, P - 2] == tiny.VOCAB.index("<trace>")).all()    # the loss starts right after <trace>
+        sizes.add(T)
+    assert len(sizes) > 1 and max(sizes) == tiny.n_tokens(n_x, n_y) + 1   # a curriculum of sizes, up to the largest
+
+
+def test_data_cli_writes_problems(tmp_path):
+    out = tmp_path / "d.jsonl"
+    r = subprocess.run([sys.executable, "tiny.py", "data", "--n", "2", "--seed", "1", "--out", str(out)],
+                       cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(recs) == 2 and all(tiny.score(r, r["text"][len(r["prompt"]):])[0] for r in recs)
+    r = subprocess.run([sys.executable, "tiny.py", "data", "--n", "1", "--n-y", "999", "--out", str(out)],
+                       cwd=HERE, capture_output=True, text=True)
+    assert r.returncode != 0 and "n_y" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pretrain_smoke_folder_loads_in_ours_and_transformers_with_equal_logits(tmp_path):
+    import model as M
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "tiny"
+    r = subprocess.run([sys.executable, "tiny.py", "pretrain", "--out", str(out), "--steps", "3", "--batch", "2",
+                        "--seq-len", "256", "--warmup", "1", "--eval-every", "2", "--device", "cpu"],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "pretrain_log.json"):
+        assert (out / f).is_file(), f
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3" and cfg["architectures"] == ["Qwen3ForCausalLM"]
+    assert cfg["num_attention_heads"] // cfg["num_key_value_heads"] >= 2
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tiny.VOCAB.index(tiny.EOS)
+    assert (out / "model.safetensors").stat().st_size < 10e6
+    ours = M.Qwen3.from_pretrained(str(out), dtype=torch.float32)
+    assert sum(p.numel() for p in ours.parameters()) <= 5e6
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    from tokenizers import Tokenizer
+    p = tiny.make_problem(random.Random(3), 10, 4)
+    ids = torch.tensor([Tokenizer.from_file(str(out / "tokenizer.json")).encode(p["prompt"] + p["trace"]).ids])
+    with torch.no_grad():
+        a, b = ours(ids), hf(ids).logits
+    assert a.shape == b.shape == (1, ids.shape[1], cfg["vocab_size"])
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # a run continues from the saved folder
+    r = subprocess.run([sys.executable, "tiny.py", "pretrain", "--out", str(tmp_path / "more"), "--init", str(out),
+                        "--steps", "1", "--batch", "1", "--seq-len", "256", "--device", "cpu"],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "more" / "model.safetensors").is_file()
+
+
+def test_shipped_tiny_folder_and_gates_load_in_ours_and_transformers_with_equal_logits():
+    import gate as GT
+    import model as M
+    transformers = pytest.importorskip("transformers")
+    path = os.path.join(HERE, "tiny")
+    assert sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) < 10e6
+    ours = M.Qwen3.from_pretrained(path, dtype=torch.float32)
+    assert sum(p.numel() for p in ours.parameters()) <= 5e6
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    from tokenizers import Tokenizer
+    p = tiny.make_problem(random.Random(3), 30, 8)
+    ids = torch.tensor([Tokenizer.from_file(os.path.join(path, "tokenizer.json")).encode(p["prompt"] + p["trace"]).ids])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    for S in (16, 32, 64):                                  # one gate folder per block size, checked against the model
+        GT.load_gates(ours, os.path.join(path, f"gate-{S}"))
+        assert ours.layers[0].self_attn.attn_gate.block_size == S
+
+
+def test_default_generate_runs_end_to_end_on_the_shipped_model():
+    r = subprocess.run([sys.executable, "generate.py", "--seed", "3", "--max-new-tokens", "120"],
+                       cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert "[tiny task, problem seed 3]" in out and re.search(r"\[answer (correct|WRONG) \(expected \d\) \| steps correct \d+/120\]", out)
+    m = re.search(r"generated tokens (\d+) \| [\d.]+ tokens/s \| attn seer budget 256 \| sparsity ([\d.]+)%", out)
+    assert m and int(m.group(1)) == 120 and float(m.group(2)) > 50   # a 1.9K-token prompt, 256 tokens read per step
+
+
+def test_eval_mode_scores_problems_and_prints_every_row(tmp_path):
+    data = tmp_path / "p.jsonl"
+    tiny.write_jsonl(str(data), 3, seed=5, n_x=40, n_y=6)
+    r = subprocess.run([sys.executable, "generate.py", "--eval", str(data), "--task", "tiny", "--eval-budgets", "32,64", "--max-new-tokens", "160",
+                        "--eval-blocks", "16,32"], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = re.findall(r"^\s*(\w+)\s+block\s+(\S+) budget\s+(\S+): answer ([\d.]+)% steps ([\d.]+)% sparsity ([\d.]+)%",
+                      r.stdout, re.M)
+    want = {("dense", "-", "-")} | {(a, str(S), str(b)) for a in ("seer", "quest", "oracle", "window")
+                                    for S in (16, 32) for b in (32, 64)}
+    assert {row[:3] for row in rows} == want, r.stdout
+    for a, S, b, ans, steps, sp in rows:
+        assert 0 <= float(ans) <= 100 and 0 <= float(steps) <= 100
+        assert (float(sp) == 0) == (a == "dense")
