@@ -16,7 +16,7 @@ Defaults (300 variables, 120 steps): 4,807 tokens, a 1,924-token prompt and a 2,
 Text is words joined by single spaces, with no space around newlines.
 
     python tiny.py data --n 200 --seed 1 --out eval.jsonl     # problems {prompt, answer, text}
-    python tiny.py pretrain --out tiny                        # one GPU: ~10 minutes on an H100
+    python tiny.py pretrain --out tiny                        # one GPU, --max-minutes (default 10)
 
 Pretraining draws fresh problems every step (sizes from 1/8 of the largest up to it) with
 the loss on the trace, and saves a Hugging Face Qwen3 folder (bf16 weights, < 10 MB).
@@ -153,10 +153,12 @@ def build_tokenizer():
 # ---- pretraining ----
 
 def tiny_config():
-    """~3.7M parameters: hidden 256, 6 layers, 4 q / 2 KV heads of 64 (G = 2), tied embeddings."""
+    """~3.7M parameters: hidden 256, 6 layers, 4 q / 2 KV heads of 64 (G = 2), tied embeddings.
+    RoPE theta 1e6 (Qwen3's): a content lookup thousands of tokens back needs head dims that
+    RoPE barely rotates over that distance, and with theta 1e4 and head_dim 64 there are few."""
     return M.Qwen3Config(vocab_size=-(-len(VOCAB) // 64) * 64, hidden_size=256, intermediate_size=512,
                          num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                         rope_theta=10000.0, max_position_embeddings=8192, tie_word_embeddings=True)
+                         rope_theta=1e6, max_position_embeddings=8192, tie_word_embeddings=True)
 
 
 def sizes_for(seq_len):
@@ -167,6 +169,7 @@ def sizes_for(seq_len):
     return min(5 * n_y // 2, len(X_NAMES)), n_y
 
 
+QK_GAIN = 2.5   # initial q_norm / k_norm weights (never decayed): sharp attention over thousands of keys
 CURRICULUM = [(1 / 8, 0.15), (1 / 4, 0.15), (1 / 2, 0.2), (1, 0.5)]   # (size fraction, probability)
 
 
@@ -220,8 +223,13 @@ def heldout_accuracy(net, tok, device, seq_len, n=8, seed=999_999):
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
         _, hit = trace_loss(net, torch.from_numpy(ids).to(device), P)
     net.train()
-    steps = hit[:, :24 * n_y].reshape(n, n_y, 24)                       # [n, steps, 24 tokens incl. "\n"]
-    return hit.float().mean().item(), steps.all(-1).float().mean().item()
+    steps = hit[:, :24 * n_y].reshape(n, n_y, 24).cpu()                 # [n, steps, 24 tokens incl. "\n"]
+    line = torch.from_numpy(ids[:, P:P + 24 * n_y]).reshape(n, n_y, 24)
+    x0 = VOCAB.index(X_NAMES[0])
+    is_x = (line[..., [2, 4]] >= x0) & (line[..., [2, 4]] < x0 + len(X_NAMES))  # operand a, b a defined x?
+    looked_up = steps[..., [8, 12]]                                     # their values, as the trace restates them
+    return dict(token_acc=hit.float().mean().item(), step_acc=steps.all(-1).float().mean().item(),
+                x_acc=looked_up[is_x].float().mean().item(), y_acc=looked_up[~is_x].float().mean().item())
 
 
 def save_folder(net, tok, out, log=None):
@@ -252,9 +260,11 @@ def pretrain(args):
         net = M.Qwen3.from_pretrained(args.init, device=args.device, dtype=torch.float32).train()
     else:
         net = M.Qwen3(tiny_config()).to(args.device)
-        for w in net.parameters():                           # as Hugging Face initialises Qwen3
+        for name, w in net.named_parameters():               # as Hugging Face initialises Qwen3, except:
             if w.dim() == 2:
                 torch.nn.init.normal_(w, std=0.02)
+            elif "q_norm" in name or "k_norm" in name:       # under QK-norm a logit is at most
+                torch.nn.init.constant_(w, QK_GAIN)          # gain^2 sqrt(D): it must beat ln(4K keys)
     n_params = sum(p.numel() for p in net.parameters())
     decay = [p for p in net.parameters() if p.dim() == 2]
     rest = [p for p in net.parameters() if p.dim() < 2]
@@ -287,20 +297,20 @@ def pretrain(args):
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}")
         if args.eval_every and step % args.eval_every == args.eval_every - 1:
-            tok_acc, step_acc = heldout_accuracy(net, tok, args.device, args.seq_len)
-            log["evals"].append(dict(step=step + 1, seconds=round(time.time() - t0), loss=round(loss.item(), 4),
-                                     token_acc=tok_acc, step_acc=step_acc))
+            acc = heldout_accuracy(net, tok, args.device, args.seq_len)
+            log["evals"].append(dict(step=step + 1, seconds=round(time.time() - t0), loss=round(loss.item(), 4), **acc))
             tqdm.write(f"step {step + 1}: loss {loss.item():.4f}, held-out teacher-forced token acc "
-                       f"{tok_acc:.2%}, step acc {step_acc:.2%}")
+                       f"{acc['token_acc']:.2%}, step acc {acc['step_acc']:.2%}, value lookups: x {acc['x_acc']:.2%} "
+                       f"(definitions in the prompt), y {acc['y_acc']:.2%} (results in the trace)")
             save_folder(net, tok, args.out, log)
     seconds = time.time() - t0
-    tok_acc, step_acc = heldout_accuracy(net, tok, args.device, args.seq_len)
+    acc = heldout_accuracy(net, tok, args.device, args.seq_len)
     log.update(steps=done, seconds=round(seconds), tokens=tokens, tokens_per_s=round(tokens / seconds),
-               final_loss=round(loss.item(), 4), token_acc=tok_acc, step_acc=step_acc)
+               final_loss=round(loss.item(), 4), **acc)
     save_folder(net, tok, args.out, log)
     print(f"pretrained {done} steps, {tokens / 1e6:.1f}M tokens in {seconds:.0f} s ({tokens / seconds:.0f} tokens/s) "
-          f"on {log['device']}; final loss {loss.item():.4f}; held-out teacher-forced token acc {tok_acc:.2%}, "
-          f"step acc {step_acc:.2%}; saved {args.out}")
+          f"on {log['device']}; final loss {loss.item():.4f}; held-out teacher-forced token acc {acc['token_acc']:.2%}, "
+          f"step acc {acc['step_acc']:.2%}, x lookups {acc['x_acc']:.2%}, y lookups {acc['y_acc']:.2%}; saved {args.out}")
 
 
 def main(argv=None):
