@@ -201,31 +201,31 @@ class Selector:
         if pooled is None:
             return
         page, off = step.slots // S, step.slots % S
-        stats = [("kmax", "kmin", "ksum", k)] if self.attn == "seer" else [("qmax", "qmin", None, kr)]
-        for mx, mn, sm, x in stats:
-            if step.block_table is None:      # prefill: one sequence, positions 0..N-1, pool whole blocks
-                N = x.shape[0]
-                nb = -(-N // S)
-                pad = torch.full((nb * S - N, *x.shape[1:]), float("nan"), dtype=x.dtype, device=x.device)
-                blocks = torch.cat([x, pad]).view(nb, S, *x.shape[1:])           # [nb, S, Hk, D]
-                pages = page[::S]                                              # page of each block
-                pooled[mx][layer, pages] = blocks.nan_to_num(float("-inf")).amax(1).to(pooled[mx].dtype)
-                pooled[mn][layer, pages] = blocks.nan_to_num(float("inf")).amin(1).to(pooled[mn].dtype)
-                if sm:
-                    pooled[sm][layer, pages] = blocks.float().nan_to_num(0.0).sum(1)
-            else:                             # decode: one token per sequence, a running update
-                old = [pooled[n][layer, page] for n in (mx, mn, sm) if n]
-                for n, t in zip((mx, mn, sm), running_pool(off == 0, x, *old)):
-                    pooled[n][layer, page] = t
+        names, x = (("kmax", "kmin", "ksum"), k) if self.attn == "seer" else (("qmax", "qmin"), kr)
+        if step.block_table is None:          # prefill: one sequence, positions 0..N-1, pool whole blocks
+            N = x.shape[0]
+            nb = -(-N // S)
+            pad = torch.full((nb * S - N, *x.shape[1:]), float("nan"), dtype=x.dtype, device=x.device)
+            blocks = torch.cat([x, pad]).view(nb, S, *x.shape[1:])             # [nb, S, Hk, D]
+            pages = page[::S]                                                  # page of each block
+            new = (blocks.nan_to_num(float("-inf")).amax(1), blocks.nan_to_num(float("inf")).amin(1),
+                   blocks.float().nan_to_num(0.0).sum(1))
+        else:                                 # decode: one token per sequence, a running update
+            pages = page
+            new = running_pool(off == 0, x, *[pooled[n][layer, page] for n in names])
+        new = [t.to(pooled[n].dtype) for n, t in zip(names, new)]              # [nb or B, Hk, D] each
+        for n, t in zip(names, new):
+            pooled[n][layer, pages] = t
         if self.attn == "seer":               # pages that just filled get their gate key, once
-            full = off == S - 1
-            if step.block_table is None:
-                pages, block_ids = page[full], step.positions[full] // S
+            kmax, kmin, ksum = new
+            if step.block_table is None:      # the complete blocks: all but a partial last one
+                full = N // S
+                kmax, kmin, ksum, pages = kmax[:full], kmin[:full], ksum[:full], pages[:full]
+                block_ids = torch.arange(full, device=x.device)
             else:                             # branch-free (CUDA graphs): every row computes a key; rows
-                pages = torch.where(full, page, step.cache.scratch)  # whose page is not full write the
-                block_ids = step.positions // S                       # scratch page, which nothing reads
-            pooled_k = torch.cat([pooled["kmax"][layer, pages], pooled["kmin"][layer, pages],
-                                  (pooled["ksum"][layer, pages] / S).to(pooled["kmax"].dtype)], -1)
+                pages = torch.where(off == S - 1, page, step.cache.scratch)  # whose page is not full
+                block_ids = step.positions // S                                 # write the scratch page
+            pooled_k = torch.cat([kmax, kmin, (ksum / S).to(kmax.dtype)], -1)    # [M, Hk, 3D]
             gk = self.model.layers[layer].self_attn.attn_gate.key(pooled_k, block_ids)
             pooled["gate_k"][layer, pages] = gk.to(pooled["gate_k"].dtype)
 
@@ -236,8 +236,9 @@ class Selector:
         Hk = cache.k.shape[3]
         if self.attn == "dense":
             real = step.lengths > 1           # a padded row of a CUDA-graph batch holds only its new token
-            self.total += (step.lengths * real).sum() * Hk
-            self.read += (step.lengths * real).sum() * Hk
+            tokens = (step.lengths * real).sum() * Hk
+            self.total += tokens
+            self.read += tokens
             return None
         gate = None
         if self.attn == "seer":
