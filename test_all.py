@@ -2,6 +2,10 @@
 float64 attention written here); GPU tests skip without CUDA.
 
     python -m pytest -q test_all.py
+
+Sections, in order: the model and paged cache (model.py, generate.py); the gate, pooled keys
+and selectors (gate.py); the CUDA-graph decode path; the decode kernel (kernel_decode.py);
+gate training (train_gate.py); the tiny task and the shipped tiny model (tiny.py, tiny/).
 """
 import functools
 import json
@@ -29,6 +33,8 @@ cuda_triton = pytest.mark.skipif(not torch.cuda.is_available() or TG.triton is N
 HAS_CUDA = torch.cuda.is_available() and kernel_decode.tilelang is not None
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and tilelang")
 
+
+# ---- the model and paged cache (model.py, generate.py) ----
 
 def make_hf_model(path, tied=False, hq=4, hk=2, d=64, layers=2, hidden=64, vocab=128, seed=0, shard=None):
     """A small random Qwen3 saved by transformers itself (the independent reference)."""
@@ -115,6 +121,28 @@ def test_decode_equals_full_recompute_each_step_and_pages_are_reused(tmp_path):
         net.prefill(list(range(100)), "d", cache)
 
 
+def reference_decode(q, k_pages, v_pages, table, lengths, blocks, scale):
+    """Float64, one sequence and KV head at a time: gather the kept tokens, softmax, sum."""
+    B, Hq, D = q.shape
+    S, Hk = k_pages.shape[1], k_pages.shape[2]
+    G = Hq // Hk
+    out = torch.empty(B, Hq, D, dtype=torch.float64)
+    for b in range(B):
+        n = int(lengths[b])
+        nblk = -(-n // S)
+        for h in range(Hk):
+            keep = range(nblk) if blocks is None else [int(j) for j in blocks[b, h] if 0 <= j < nblk]
+            keep = torch.tensor(sorted(keep))
+            pages = table[b, keep].long()                                   # [n_keep]
+            pos = (keep[:, None] * S + torch.arange(S)).reshape(-1)         # token positions
+            k = k_pages[pages, :, h].reshape(-1, D)[pos < n].double()      # [T, D]
+            v = v_pages[pages, :, h].reshape(-1, D)[pos < n].double()
+            qg = q[b, h * G:(h + 1) * G].double()                          # [G, D]
+            out[b, h * G:(h + 1) * G] = torch.softmax(qg @ k.T * scale, -1) @ v
+    return out
+
+
+
 def test_paged_reference_matches_float64_attention():
     torch.manual_seed(3)
     B, Hq, Hk, D, S, P = 3, 8, 2, 16, 4, 20
@@ -125,15 +153,8 @@ def test_paged_reference_matches_float64_attention():
     blocks = torch.tensor([[[0, -1], [-1, 0]], [[2, 0], [1, -1]], [[3, 1], [-1, 2]]], dtype=torch.int32)
     for sel in (None, blocks):
         out = M.decode_attention_ref(q, kp, vp, table, lengths, sel)
-        for b in range(B):
-            for h in range(Hq):
-                kv = h // (Hq // Hk)
-                js = range(-(-int(lengths[b]) // S)) if sel is None else [j for j in sel[b, kv].tolist() if j >= 0]
-                toks = [(j, t) for j in js for t in range(S) if j * S + t < lengths[b]]
-                k = torch.stack([kp[table[b, j], t, kv] for j, t in toks]).double()
-                v = torch.stack([vp[table[b, j], t, kv] for j, t in toks]).double()
-                w = (k @ q[b, h].double() / D ** 0.5).softmax(0)
-                assert torch.allclose(out[b, h].double(), w @ v, atol=1e-5)
+        torch.testing.assert_close(out.double(), reference_decode(q, kp, vp, table, lengths, sel, D ** -0.5),
+                                   atol=1e-5, rtol=0)
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):
@@ -179,7 +200,7 @@ def test_generate_cli_streams_and_reports(tmp_path):
     assert r.returncode != 0 and "out of pages" in r.stderr and "Traceback" not in r.stderr
 
 
-# ---------------------------------------------------------------- gate and selectors
+# ---- the gate, pooled keys and selectors (gate.py) ----
 
 import gate as GT
 
@@ -360,7 +381,7 @@ def test_gate_and_budget_bad_inputs(tmp_path):
         GT.Selector("seer", plain, cache, 16)
 
 
-# ---------------------------------------------------------------- GPU decode path
+# ---- the CUDA-graph decode path (generate.GraphRunner) ----
 
 @cuda
 @pytest.mark.parametrize("attn", ["dense", "seer"])
@@ -379,28 +400,7 @@ def test_cuda_graph_replay_equals_eager_decode(tmp_path, attn):
         assert gen.generate(net, cache, prompts, 64, select=GT.Selector("dense", net, cache)) == outs[0]
 
 
-# ---- the decode kernel (kernel_decode.py) against a float64 reference written here ----
-
-def reference_decode(q, k_pages, v_pages, table, lengths, blocks, scale):
-    """Float64, one sequence and KV head at a time: gather the kept tokens, softmax, sum."""
-    B, Hq, D = q.shape
-    S, Hk = k_pages.shape[1], k_pages.shape[2]
-    G = Hq // Hk
-    out = torch.empty(B, Hq, D, dtype=torch.float64)
-    for b in range(B):
-        n = int(lengths[b])
-        nblk = -(-n // S)
-        for h in range(Hk):
-            keep = range(nblk) if blocks is None else [int(j) for j in blocks[b, h] if 0 <= j < nblk]
-            keep = torch.tensor(sorted(keep))
-            pages = table[b, keep].long()                                   # [n_keep]
-            pos = (keep[:, None] * S + torch.arange(S)).reshape(-1)         # token positions
-            k = k_pages[pages, :, h].reshape(-1, D)[pos < n].double()      # [T, D]
-            v = v_pages[pages, :, h].reshape(-1, D)[pos < n].double()
-            qg = q[b, h * G:(h + 1) * G].double()                          # [G, D]
-            out[b, h * G:(h + 1) * G] = torch.softmax(qg @ k.T * scale, -1) @ v
-    return out
-
+# ---- the decode kernel (kernel_decode.py) against reference_decode ----
 
 def kernel_inputs(dtype, Hq, Hk, D, S, lengths, sparse, seed, extra_pages=3):
     """Random pages (NaN in unwritten slots), shuffled page tables with garbage tails, and
@@ -453,7 +453,7 @@ CONFIGS = [
 @needs_gpu
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
 @pytest.mark.parametrize("dtype,D,S,G", CONFIGS, ids=lambda c: str(c).replace("torch.", ""))
-def test_decode_kernel_matches_float64_reference_decode(dtype, D, S, G, sparse):
+def test_decode_kernel_matches_float64_reference(dtype, D, S, G, sparse):
     Hk = 2
     # ragged: a single token, under one page, exact multiples, long with a partial page
     lengths = [1, S - 3, S, 4 * S, 37 * S + 5, 9001]
