@@ -950,7 +950,7 @@ def test_pretrain_smoke_folder_loads_in_ours_and_transformers_with_equal_logits(
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "tiny"
     r = subprocess.run([sys.executable, "tiny.py", "pretrain", "--out", str(out), "--steps", "3", "--batch", "2",
-                        "--seq-len", "256", "--warmup", "1", "--eval-every", "2", "--device", "cpu"],
+                        "--seq-len", "256", "--warmup", "1", "--eval-every", "2", "--device", "cpu", "--workers", "2"],
                        cwd=HERE, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     for f in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "pretrain_log.json"):

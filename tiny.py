@@ -25,12 +25,12 @@ only from 1/8 of the largest up, x lookups stayed at chance for 4,000 steps), an
 """
 import argparse
 import copy
+import itertools
 import json
 import math
+import multiprocessing
 import os
-import queue
 import random
-import threading
 import time
 
 import numpy as np
@@ -190,17 +190,18 @@ def make_batch(rng, tok, rows, seq_len):
     return encode(tok, [make_problem(rng, n_x, n_y) for _ in range(R)])
 
 
-def batches(seed, tok, rows, seq_len, prefetch=4):
-    """An endless stream of make_batch from random.Random(seed), made in a background thread
-    (tokenizing releases the GIL)."""
-    q, rng = queue.Queue(prefetch), random.Random(seed)
+def _batch(job):
+    """Worker side of batches(): batch i of the stream comes from its own rng, so the stream is
+    the same for any number of workers."""
+    seed, i, rows, seq_len = job
+    return make_batch(random.Random(seed * 1_000_003 + i), build_tokenizer(), rows, seq_len)
 
-    def work():
-        while True:
-            q.put(make_batch(rng, tok, rows, seq_len))
-    threading.Thread(target=work, daemon=True).start()
-    while True:
-        yield q.get()
+
+def batches(seed, rows, seq_len, workers=8):
+    """An endless, reproducible stream of make_batch, made by worker processes: one Python
+    thread cannot write problems as fast as the GPU trains on them."""
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(_batch, ((seed, i, rows, seq_len) for i in itertools.count()), chunksize=1)
 
 
 def trace_loss(net, ids, P):
@@ -274,7 +275,7 @@ def pretrain(args):
     log = dict(command="python tiny.py pretrain " + " ".join(f"--{k.replace('_', '-')} {v}"
                                                              for k, v in vars(args).items() if k != "cmd"),
                device=torch.cuda.get_device_name() if cuda else "cpu", params=n_params, evals=[])
-    data = batches(args.seed, tok, args.batch, args.seq_len)
+    data = batches(args.seed, args.batch, args.seq_len, args.workers)
     t0, tokens, done, budget = time.time(), 0, 0, 60 * args.max_minutes
     bar = tqdm(range(args.steps), desc=f"pretrain {n_params / 1e6:.2f}M params")
     for step in bar:
@@ -337,6 +338,7 @@ def main(argv=None):
                                                                "this many steps (0: only at the end)")
     t.add_argument("--seed", type=int, default=1234, help="seed of the weights and of the problem stream "
                                                           "(use a new one with --init)")
+    t.add_argument("--workers", type=int, default=8, help="processes writing training problems")
     t.add_argument("--init", help="start from this model folder's weights instead of from scratch")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = p.parse_args(argv)
@@ -350,8 +352,8 @@ def main(argv=None):
         print(f"wrote {args.n} problems of {n_tokens(args.n_x, args.n_y)} tokens to {args.out}")
     else:
         args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if args.steps < 1 or args.batch < 1 or args.max_minutes <= 0:
-            raise SystemExit("error: --steps and --batch must be >= 1 and --max-minutes > 0")
+        if min(args.steps, args.batch, args.workers) < 1 or args.max_minutes <= 0:
+            raise SystemExit("error: --steps, --batch and --workers must be >= 1 and --max-minutes > 0")
         try:
             sizes_for(args.seq_len)
             if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
