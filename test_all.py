@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -931,6 +932,14 @@ def test_training_batches_fit_the_sequence_length_and_mask_only_the_prompt():
         sizes.add(T)
     largest = tiny.n_tokens(n_x, n_y) + 1
     assert len(sizes) > 20 and max(sizes) <= largest and min(sizes) < largest / 8   # many sizes, small ones too
+
+
+def test_training_stream_is_the_same_for_any_number_of_workers():
+    one, two = tiny.batches(5, 2, 512, workers=1), tiny.batches(5, 2, 512, workers=2)
+    for _ in range(4):
+        (a, p), (b, q) = next(one), next(two)
+        assert p == q and np.array_equal(a, b)
+    one.close(), two.close()
 
 
 def test_data_cli_writes_problems(tmp_path):

@@ -200,6 +200,7 @@ def _batch(job):
 def batches(seed, rows, seq_len, workers=8):
     """An endless, reproducible stream of make_batch, made by worker processes: one Python
     thread cannot write problems as fast as the GPU trains on them."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"     # one thread per worker: no oversubscription
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         yield from pool.imap(_batch, ((seed, i, rows, seq_len) for i in itertools.count()), chunksize=1)
 
