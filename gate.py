@@ -21,7 +21,7 @@ import os
 import torch
 import torch.nn as nn
 
-from model import RMSNorm, apply_rope, fused, rope_cos_sin
+from model import RMSNorm, apply_rope, fused, rms_norm, rope_cos_sin
 
 SELECTORS = ("dense", "seer", "quest", "oracle", "window")
 
@@ -44,21 +44,13 @@ class AttnGate(nn.Module):
 
     def query(self, q, positions):
         """q [N, Hq, D] pre-RoPE, positions [N] -> gate queries [N, Hk, Dg]."""
-        q = q.reshape(q.shape[0], self.hk, self.g, self.d)
-        w = self.attngate_linear_q.weight
-        gq = torch.einsum("nhgd,hgde->nhe", q.to(w.dtype), w)
-        if self.attngate_qnorm is not None:
-            gq = self.attngate_qnorm(gq)
-        return apply_rope(gq, *rope_cos_sin(positions, self.dg, self.rope_theta, gq.dtype))
+        norm = self.attngate_qnorm.weight if self.attngate_qnorm is not None else None
+        return gate_query(q, positions, self.attngate_linear_q.weight, norm, self.rope_theta)
 
     def key(self, pooled, block_ids):
         """pooled [M, Hk, 3D] ([max | min | avg] of pre-RoPE keys), block_ids [M] -> gate keys [M, Hk, Dg]."""
-        w = self.attngate_linear_k.weight
-        gk = torch.einsum("mhc,hce->mhe", pooled.to(w.dtype), w)
-        if self.attngate_knorm is not None:
-            gk = self.attngate_knorm(gk)
-        pos = block_ids * self.block_size                              # RoPE at the block's first token
-        return apply_rope(gk, *rope_cos_sin(pos, self.dg, self.rope_theta, gk.dtype))
+        norm = self.attngate_knorm.weight if self.attngate_knorm is not None else None
+        return gate_key(pooled, block_ids, self.attngate_linear_k.weight, norm, self.block_size, self.rope_theta)
 
     def scores(self, q, k):
         """Training/analysis view over one whole sequence: q [T, Hq, D], k [T, Hk, D] (pre-RoPE)
@@ -75,6 +67,25 @@ class AttnGate(nn.Module):
         visible = torch.arange(nb, device=q.device)[None, :] < (ar // S)[:, None]  # [T, NB]
         s = s.to(torch.promote_types(s.dtype, torch.float32))         # softmax in >= float32
         return s.masked_fill(~visible[:, None, :], float("-inf"))
+
+
+def gate_query(q, positions, wq, norm, theta):
+    """q [N, Hq, D] pre-RoPE; wq [Hk, G, D, Dg]; norm [Dg] or None -> gate queries [N, Hk, Dg]."""
+    hk, g, d, dg = wq.shape
+    gq = torch.einsum("nhgd,hgde->nhe", q.reshape(q.shape[0], hk, g, d).to(wq.dtype), wq)
+    if norm is not None:
+        gq = rms_norm(gq.reshape(-1, dg), norm, 1e-6).view(gq.shape)
+    return apply_rope(gq, *rope_cos_sin(positions, dg, theta, gq.dtype))
+
+
+def gate_key(pooled, block_ids, wk, norm, block_size, theta):
+    """pooled [M, Hk, 3D]; wk [Hk, 3D, Dg]; norm [Dg] or None -> gate keys [M, Hk, Dg], RoPE at
+    each block's first token."""
+    dg = wk.shape[-1]
+    gk = torch.einsum("mhc,hce->mhe", pooled.to(wk.dtype), wk)
+    if norm is not None:
+        gk = rms_norm(gk.reshape(-1, dg), norm, 1e-6).view(gk.shape)
+    return apply_rope(gk, *rope_cos_sin(block_ids * block_size, dg, theta, gk.dtype))
 
 
 # ---- gate folders: config.json (base model config + seerattn_* fields) + safetensors ----
@@ -182,8 +193,10 @@ class Selector:
                 raise ValueError(f"gate block size {gate.block_size} != page size {S}: set --block-size "
                                  f"{gate.block_size}")
         self.attn, self.model, self.budget, self.threshold = attn, model, budget, threshold
-        self.read = torch.zeros((), dtype=torch.float64, device=cache.k.device)   # KV tokens read
-        self.total = torch.zeros((), dtype=torch.float64, device=cache.k.device)  # ... a dense step reads
+        # KV tokens read, and what dense steps would read; shape [1], not 0-d: torch.compile drops
+        # in-place updates of 0-d CPU tensors (seen with torch 2.13)
+        self.read = torch.zeros(1, dtype=torch.float64, device=cache.k.device)
+        self.total = torch.zeros(1, dtype=torch.float64, device=cache.k.device)
         L, P, _, Hk, D = cache.k.shape
         new = lambda *shape, dt=cache.k.dtype: torch.zeros(L, P, *shape, dtype=dt, device=cache.k.device)
         if attn == "seer":
@@ -200,34 +213,35 @@ class Selector:
         pooled, S = step.cache.pooled, step.cache.page_size
         if pooled is None:
             return
-        page, off = step.slots // S, step.slots % S
+        page = step.slots // S
+        if step.block_table is not None:      # decode: one token per sequence, updated in place
+            if self.attn == "seer":
+                gate = self.model.layers[layer].self_attn.attn_gate
+                norm = gate.attngate_knorm.weight if gate.attngate_knorm is not None else None
+                seer_pool_step(k, step.positions, page, step.cache.scratch,
+                               *(pooled[n][layer] for n in ("kmax", "kmin", "ksum", "gate_k")),
+                               gate.attngate_linear_k.weight, norm, S, gate.rope_theta)
+            else:
+                running_pool(kr, step.positions % S == 0, page, pooled["qmax"][layer], pooled["qmin"][layer])
+            return
+        # prefill: one sequence, positions 0..N-1, pool whole blocks
         names, x = (("kmax", "kmin", "ksum"), k) if self.attn == "seer" else (("qmax", "qmin"), kr)
-        if step.block_table is None:          # prefill: one sequence, positions 0..N-1, pool whole blocks
-            N = x.shape[0]
-            nb = -(-N // S)
-            pad = torch.full((nb * S - N, *x.shape[1:]), float("nan"), dtype=x.dtype, device=x.device)
-            blocks = torch.cat([x, pad]).view(nb, S, *x.shape[1:])             # [nb, S, Hk, D]
-            pages = page[::S]                                                  # page of each block
-            new = (blocks.nan_to_num(float("-inf")).amax(1), blocks.nan_to_num(float("inf")).amin(1),
-                   blocks.float().nan_to_num(0.0).sum(1))
-        else:                                 # decode: one token per sequence, a running update
-            pages = page
-            new = running_pool(off == 0, x, *[pooled[n][layer, page] for n in names])
-        new = [t.to(pooled[n].dtype) for n, t in zip(names, new)]              # [nb or B, Hk, D] each
+        N = x.shape[0]
+        nb = -(-N // S)
+        pad = torch.full((nb * S - N, *x.shape[1:]), float("nan"), dtype=x.dtype, device=x.device)
+        blocks = torch.cat([x, pad]).view(nb, S, *x.shape[1:])                 # [nb, S, Hk, D]
+        pages = page[::S]                                                      # page of each block
+        new = (blocks.nan_to_num(float("-inf")).amax(1), blocks.nan_to_num(float("inf")).amin(1),
+               blocks.float().nan_to_num(0.0).sum(1))
+        new = [t.to(pooled[n].dtype) for n, t in zip(names, new)]              # [nb, Hk, D] each
         for n, t in zip(names, new):
             pooled[n][layer, pages] = t
-        if self.attn == "seer":               # pages that just filled get their gate key, once
-            kmax, kmin, ksum = new
-            if step.block_table is None:      # the complete blocks: all but a partial last one
-                full = N // S
-                kmax, kmin, ksum, pages = kmax[:full], kmin[:full], ksum[:full], pages[:full]
-                block_ids = torch.arange(full, device=x.device)
-            else:                             # branch-free (CUDA graphs): every row computes a key; rows
-                pages = torch.where(off == S - 1, page, step.cache.scratch)  # whose page is not full
-                block_ids = step.positions // S                                 # write the scratch page
-            pooled_k = torch.cat([kmax, kmin, (ksum / S).to(kmax.dtype)], -1)    # [M, Hk, 3D]
-            gk = self.model.layers[layer].self_attn.attn_gate.key(pooled_k, block_ids)
-            pooled["gate_k"][layer, pages] = gk.to(pooled["gate_k"].dtype)
+        if self.attn == "seer":               # the complete blocks (all but a partial last one) get gate keys
+            full = N // S
+            kmax, kmin, ksum = (t[:full] for t in new)
+            pooled_k = torch.cat([kmax, kmin, (ksum / S).to(kmax.dtype)], -1)  # [full, Hk, 3D]
+            gk = self.model.layers[layer].self_attn.attn_gate.key(pooled_k, torch.arange(full, device=x.device))
+            pooled["gate_k"][layer, pages[:full]] = gk.to(pooled["gate_k"].dtype)
 
     def __call__(self, layer, step, q, qr):
         """q, qr [B, Hq, D] (pre-/post-RoPE) -> blocks [B, Hk, K] logical ids, -1 padded, or None (dense)."""
@@ -235,16 +249,14 @@ class Selector:
         B, NB = step.block_table.shape
         Hk = cache.k.shape[3]
         if self.attn == "dense":
-            real = step.lengths > 1           # a padded row of a CUDA-graph batch holds only its new token
-            tokens = (step.lengths * real).sum() * Hk
-            self.total += tokens
-            self.read += tokens
+            count_tokens(step.lengths, None, S, Hk, self.read, self.total)
             return None
         gate = None
         if self.attn == "seer":
             gate = self.model.layers[layer].self_attn.attn_gate
-            gq = gate.query(q, step.positions)                         # [B, Hk, Dg]
-            score = gate_scores(gq, cache.pooled["gate_k"][layer], step.block_table)  # [B, Hk, NB]
+            norm = gate.attngate_qnorm.weight if gate.attngate_qnorm is not None else None
+            score = seer_scores(q, step.positions, gate.attngate_linear_q.weight, norm,
+                                cache.pooled["gate_k"][layer], step.block_table, gate.rope_theta)  # [B, Hk, NB]
         elif self.attn == "quest":
             G = q.shape[1] // Hk
             qg = qr.view(B, Hk, G, -1).float()
@@ -260,18 +272,18 @@ class Selector:
         if self.threshold is not None:
             score = score / math.sqrt(gate.dg)
         k = 0 if self.threshold is not None else min(self.budget // S, NB)
-        blocks, read, total = pick_blocks(score, step.lengths, S, k, self.threshold or 0.0)
-        self.read += read
-        self.total += total
-        return blocks
+        return pick_blocks(score, step.lengths, S, k, self.threshold or 0.0, self.read, self.total)
 
+
+# Decode-time helpers, each compiled into one graph on CUDA (a decode step at small batch is
+# a chain of tiny ops, each otherwise its own kernel), plain PyTorch elsewhere. Buffers passed
+# in (one layer's pooled stats, the token counters) are updated in place.
 
 @fused
-def pick_blocks(score, lengths, S: int, k: int, threshold: float):
-    """score [B, Hk, NB] of every block slot -> (blocks [B, Hk, K] logical ids, -1 padded: the k
+def pick_blocks(score, lengths, S: int, k: int, threshold: float, read, total):
+    """score [B, Hk, NB] of every block slot -> blocks [B, Hk, K] logical ids, -1 padded: the k
     best (or those with softmax > threshold when k == 0) of the complete blocks before the new
-    token's block, then that block; KV tokens they hold; KV tokens of the dense step).
-    Rows with lengths == 1 are CUDA-graph padding and are not counted."""
+    token's block, then that block. Adds the KV tokens they hold to read, a dense step's to total."""
     B, Hk, NB = score.shape
     cur = (lengths.long() - 1) // S                                    # [B] block of the new token
     j = torch.arange(NB, device=score.device)
@@ -282,27 +294,57 @@ def pick_blocks(score, lengths, S: int, k: int, threshold: float):
     else:
         top = score.topk(k, dim=-1)
         chosen = torch.where(top.values > float("-inf"), top.indices, -1)                # [B, Hk, k]
-    blocks = torch.cat([chosen, cur[:, None, None].expand(B, Hk, 1)], -1)                # [B, Hk, K]
-    tokens = torch.where(blocks >= 0, (lengths[:, None, None] - blocks * S).clamp(0, S), 0)
-    real = lengths > 1
-    return blocks.int(), (tokens * real[:, None, None]).sum(), (lengths * real).sum() * Hk
+    blocks = torch.cat([chosen, cur[:, None, None].expand(B, Hk, 1)], -1).int()          # [B, Hk, K]
+    count_tokens(lengths, blocks, S, Hk, read, total)
+    return blocks
 
 
 @fused
-def gate_scores(gq, gate_k, table):
-    """gq [B, Hk, Dg]; gate_k [P, Hk, Dg], one layer's gate keys by page; table [B, NB] ->
-    [B, Hk, NB] float32 scores (compiled: the gather and the dot products are one pass)."""
+def count_tokens(lengths, blocks, S: int, Hk: int, read, total):
+    """read += KV tokens in blocks [B, Hk, K] (None: every token), total += a dense step's.
+    Rows with lengths == 1 are CUDA-graph padding and are not counted."""
+    real = lengths > 1
+    dense = (lengths * real).sum() * Hk
+    if blocks is None:
+        read += dense
+    else:
+        tokens = torch.where(blocks >= 0, (lengths[:, None, None] - blocks * S).clamp(0, S), 0)
+        read += (tokens * real[:, None, None]).sum()
+    total += dense
+
+
+@fused
+def seer_scores(q, positions, wq, norm, gate_k, table, theta: float):
+    """q [B, Hq, D] pre-RoPE; gate_k [P, Hk, Dg], one layer's gate keys by page; table [B, NB]
+    -> [B, Hk, NB] float32 scores (the gate query, the gather and the dot products in one graph)."""
+    gq = gate_query(q, positions, wq, norm, theta)                     # [B, Hk, Dg]
     gk = gate_k[table.long()]                                          # [B, NB, Hk, Dg]
     return (gq[:, None].float() * gk.float()).sum(-1).transpose(1, 2)
 
 
 @fused
-def running_pool(first, x, old_max, old_min, old_sum=None):
-    """Decode: fold the new pre- (seer) or post-RoPE (quest) key x [B, Hk, D] of each sequence
-    into its page's running max / min (/ sum), restarting where first [B] (a new page)."""
-    first, xs = first[:, None, None], x.to(old_max.dtype)
-    out = (torch.where(first, xs, torch.maximum(old_max, xs)), torch.where(first, xs, torch.minimum(old_min, xs)))
-    return out if old_sum is None else out + (torch.where(first, 0.0, old_sum) + x.float(),)
+def running_pool(x, first, page, kmax, kmin, ksum=None):
+    """Fold the new key x [B, Hk, D] of each sequence into its page's running max / min (/ sum)
+    (one layer's [P, Hk, D] stats, in place), restarting where first [B] (a new page) -> the new stats."""
+    f, xs = first[:, None, None], x.to(kmax.dtype)
+    new = [torch.where(f, xs, torch.maximum(kmax[page], xs)), torch.where(f, xs, torch.minimum(kmin[page], xs))]
+    if ksum is not None:
+        new.append(torch.where(f, 0.0, ksum[page]) + x.float())
+    for buf, t in zip((kmax, kmin, ksum), new):
+        buf[page] = t
+    return new
+
+
+@fused
+def seer_pool_step(x, positions, page, scratch: int, kmax, kmin, ksum, gate_k, wk, norm, S: int, theta: float):
+    """Seer at decode: fold the new pre-RoPE keys x [B, Hk, D] into their pages' running stats,
+    and give every page that just filled its gate key. Branch-free for CUDA graphs: every row
+    computes a key, and rows whose page is not full write theirs to the scratch page."""
+    off = positions % S
+    kmax_new, kmin_new, ksum_new = running_pool(x, off == 0, page, kmax, kmin, ksum)
+    pooled = torch.cat([kmax_new, kmin_new, (ksum_new / S).to(kmax_new.dtype)], -1)  # [B, Hk, 3D]
+    gk = gate_key(pooled, positions // S, wk, norm, S, theta)
+    gate_k[torch.where(off == S - 1, page, scratch)] = gk.to(gate_k.dtype)
 
 
 def block_attention(qr, k_pages, block_table, lengths):
