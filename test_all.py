@@ -320,6 +320,33 @@ def test_oracle_picks_blocks_of_highest_true_attention_and_quest_bounds_qk(tmp_p
         captured.clear()
 
 
+def test_seer_decode_picks_the_top_blocks_of_the_training_view_scores(tmp_path):
+    """Decode-time seer (running pooled stats, gate keys made as pages fill, one step's query)
+    picks the blocks that AttnGate.scores, run on the same q and k all at once, ranks highest."""
+    net = gated_model(tmp_path, hq=8, hk=2)
+    torch.manual_seed(8)
+    ids = torch.randint(0, 128, (70,)).tolist()
+    seen = {i: [] for i in range(len(net.layers))}           # each layer's pre-RoPE q, k as decode made them
+    for layer in net.layers:
+        layer.self_attn.capture = lambda i, q, k, qr, kr: seen[i].append((q.flatten(0, 1), k.flatten(0, 1)))
+    cache = M.PagedKVCache(net.config, 32, 8)
+    sel = GT.Selector("seer", net, cache, 24)                  # 3 blocks + the current one
+    net.prefill(ids[:40], 0, cache, sel)
+    cache.allocate(0, 70)
+    captured = {}
+    for n in range(40, 70):                                    # crosses pages: gate keys made at decode
+        captured.clear()
+        net.decode(torch.tensor([ids[n]]), cache.block_table([0]), torch.tensor([n], dtype=torch.int32), cache,
+                   Spy(sel, captured))
+    for i, (qr, blocks, table, lengths) in captured.items():
+        q, k = (torch.cat(t) for t in zip(*seen[i]))         # [70, Hq, D], [70, Hk, D]
+        score = net.layers[i].self_attn.attn_gate.scores(q, k).detach()[69]   # [Hk, NB] at the last token
+        for h in range(2):
+            top = score[h].topk(4)
+            assert top.values[2] - top.values[3] > 1e-4       # no near-tie at the cut
+            assert set(blocks[0, h].tolist()) - {-1} == set(top.indices[:3].tolist()) | {69 // 8}, (i, h)
+
+
 class Spy:
     """Passes calls through to a selector and records what each layer's selection saw."""
     def __init__(self, sel, captured):
