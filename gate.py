@@ -44,13 +44,20 @@ class AttnGate(nn.Module):
 
     def query(self, q, positions):
         """q [N, Hq, D] pre-RoPE, positions [N] -> gate queries [N, Hk, Dg]."""
-        norm = self.attngate_qnorm.weight if self.attngate_qnorm is not None else None
-        return gate_query(q, positions, self.attngate_linear_q.weight, norm, self.rope_theta)
+        return gate_query(q, positions, self.attngate_linear_q.weight, self.qnorm_weight, self.rope_theta)
 
     def key(self, pooled, block_ids):
         """pooled [M, Hk, 3D] ([max | min | avg] of pre-RoPE keys), block_ids [M] -> gate keys [M, Hk, Dg]."""
-        norm = self.attngate_knorm.weight if self.attngate_knorm is not None else None
-        return gate_key(pooled, block_ids, self.attngate_linear_k.weight, norm, self.block_size, self.rope_theta)
+        return gate_key(pooled, block_ids, self.attngate_linear_k.weight, self.knorm_weight, self.block_size,
+                        self.rope_theta)
+
+    @property
+    def qnorm_weight(self):   # None without QK-norm
+        return self.attngate_qnorm.weight if self.attngate_qnorm is not None else None
+
+    @property
+    def knorm_weight(self):
+        return self.attngate_knorm.weight if self.attngate_knorm is not None else None
 
     def scores(self, q, k):
         """Training/analysis view over one whole sequence: q [T, Hq, D], k [T, Hk, D] (pre-RoPE)
@@ -217,10 +224,9 @@ class Selector:
         if step.block_table is not None:      # decode: one token per sequence, updated in place
             if self.attn == "seer":
                 gate = self.model.layers[layer].self_attn.attn_gate
-                norm = gate.attngate_knorm.weight if gate.attngate_knorm is not None else None
                 seer_pool_step(k, step.positions, page, step.cache.scratch,
                                *(pooled[n][layer] for n in ("kmax", "kmin", "ksum", "gate_k")),
-                               gate.attngate_linear_k.weight, norm, S, gate.rope_theta)
+                               gate.attngate_linear_k.weight, gate.knorm_weight, S, gate.rope_theta)
             else:
                 running_pool(kr, step.positions % S == 0, page, pooled["qmax"][layer], pooled["qmin"][layer])
             return
@@ -254,8 +260,7 @@ class Selector:
         gate = None
         if self.attn == "seer":
             gate = self.model.layers[layer].self_attn.attn_gate
-            norm = gate.attngate_qnorm.weight if gate.attngate_qnorm is not None else None
-            score = seer_scores(q, step.positions, gate.attngate_linear_q.weight, norm,
+            score = seer_scores(q, step.positions, gate.attngate_linear_q.weight, gate.qnorm_weight,
                                 cache.pooled["gate_k"][layer], step.block_table, gate.rope_theta)  # [B, Hk, NB]
         elif self.attn == "quest":
             G = q.shape[1] // Hk

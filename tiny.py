@@ -18,10 +18,11 @@ Text is words joined by single spaces, with no space around newlines.
     python tiny.py data --n 200 --seed 1 --out eval.jsonl     # problems {prompt, answer, text}
     python tiny.py pretrain --out tiny                        # one GPU, --max-minutes (default 10)
 
-Pretraining draws fresh problems every step with the loss on the trace. Sizes are
-log-uniform from 2 variables and 2 steps up to the largest: the many small problems, where a
-lookup has few candidates, are what teach the model to find a value by its name (with sizes
-only from 1/8 of the largest up, x lookups stayed at chance for 4,000 steps), and saves a Hugging Face Qwen3 folder (bf16 weights, < 10 MB).
+Pretraining draws fresh problems every step, with the loss on the trace, and saves a Hugging
+Face Qwen3 folder (bf16 weights, < 10 MB). Problem sizes are log-uniform from 2 variables and
+2 steps up to the largest: the many small problems, where a lookup has few candidates, are
+what can teach the model to find a value by its name (with sizes only from 1/8 of the
+largest up, x lookups stayed at chance for 4,000 steps).
 """
 import argparse
 import copy
