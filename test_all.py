@@ -797,14 +797,14 @@ def test_two_ranks_over_gloo_match_one_process(setup):
 
 # ---- the tiny task and the shipped tiny model (tiny.py, tiny/) ----
 
-LINE = re.compile(r"(y\d+) := (\w+) ([+-]) (\w+) ; (\w+) = (\d+) ; (\w+) = (\d+) ; (\d+) ([+-]) (\d+) = (\d+) ; (y\d+) = (\d+)")
+LINE = re.compile(r"(y\d+) := (\w+) ([+-]) (\w+) ; (\w+) (\d+) ; (\w+) (\d+) ; (\d+) ([+-]) (\d+) = (\d+) ; (y\d+) (\d+)")
 
 
 def reference_solution(prompt):
     """An independent reading of a prompt: regexes over the whole text, values by recursion
     from the definitions (not a forward pass), subtraction as adding the complement mod 10.
     -> (values of every name, the program as [(y, a, op, b)])."""
-    defs = dict(re.findall(r"^(x\d+) = (\d+)$", prompt, re.M))
+    defs = dict(re.findall(r"^(x\d+) (\d+)$", prompt, re.M))
     prog = re.findall(r"^(y\d+) := (\w+) ([+-]) (\w+)$", prompt, re.M)
     rule = {y: (a, op, b) for y, a, op, b in prog}
 
@@ -862,7 +862,7 @@ def test_score_marks_a_corrupted_step_wrong_at_that_step():
     y = prog[k][0]
     users = [j for j, s in enumerate(prog) if j > k and y in (s[1], s[3])]
     # a wrong looked-up value: that step only, answer unaffected
-    bad = corrupt(p["trace"], k, 8)
+    bad = corrupt(p["trace"], k, 7)
     assert tiny.score(p, bad) == (True, 49, 50)
     lines = bad.split("\n")
     for j in range(50):                                             # every prefix: all right but step k
@@ -874,8 +874,8 @@ def test_score_marks_a_corrupted_step_wrong_at_that_step():
         va, vb = carried[a], carried[b]
         r = (va + vb) % 10 if op == "+" else (va - vb) % 10
         carried[yi] = (r + 3) % 10 if i == k else r
-        wrong.append(f"{yi} := {a} {op} {b} ; {a} = {va} ; {b} = {vb} ; {va} {op} {vb} = {carried[yi]} "
-                     f"; {yi} = {carried[yi]}")
+        wrong.append(f"{yi} := {a} {op} {b} ; {a} {va} ; {b} {vb} ; {va} {op} {vb} = {carried[yi]} "
+                     f"; {yi} {carried[yi]}")
     same = sum(w == t for w, t in zip(wrong, p["trace"].split("\n")))
     assert users and same < 49
     bad = "\n".join(wrong + [f"answer = {carried[prog[-1][0]]}"])
@@ -938,8 +938,8 @@ def test_default_problem_is_at_least_4k_tokens_and_lookups_reach_far_back():
     start = len(re.findall(r"\n|[^ \n]+", p["prompt"]))
     last, dist = {}, []                                            # where each fact was last stated
     for i in range(len(words) - 1):
-        if words[i + 1] == "=" and words[i][0] in "xy":
-            if i >= start and words[i - 1] == ";" and words[i + 3] == ";":   # a lookup, not a result
+        if words[i + 1].isdigit() and words[i][0] in "xy":             # a name and its value
+            if i >= start and words[i - 1] == ";" and words[i + 2] == ";":   # a lookup, not a result
                 dist.append(i - last[words[i]])
             last[words[i]] = i
     assert len(dist) == 2 * tiny.N_Y

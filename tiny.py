@@ -2,17 +2,20 @@
 and pretraining of a small Qwen3 on it, so the method can be measured on a model whose
 attention is learned (no real weights or reasoning data can be downloaded here).
 
-The task. The prompt defines N_X variables (`x17 = 4`), then lists a program of N_Y steps,
-each combining two earlier values mod 10 (`y5 := x17 - y3`). The trace the model writes
-works every step out, looking each operand up far back in the context:
+The task. The prompt defines N_X variables (`x17 4`: x17 is 4), then lists a program of
+N_Y steps, each combining two earlier values mod 10 (`y5 := x17 - y3`). The trace the model
+writes works every step out, looking each operand up far back in the context:
 
-    y5 := x17 - y3 ; x17 = 4 ; y3 = 9 ; 4 - 9 = 5 ; y5 = 5
+    y5 := x17 - y3 ; x17 4 ; y3 9 ; 4 - 9 = 5 ; y5 5
 
-and ends with `answer = 5` (the last step's value). One token per word: every lookup is a
-clean "find the earlier `name =`, copy the next token" (definitions sit in the first ~1.2K
-tokens, the program line of step i after them, earlier results anywhere in the trace), so
-a decode step needs a few far-away blocks plus the local one: sparse and long-range.
-Defaults (300 variables, 120 steps): 4,807 tokens, a 1,924-token prompt and a 2,883-token trace.
+and ends with `answer = 5` (the last step's value). One token per word, and a value always
+right after its name: every lookup is a clean "find an earlier `name`, copy the digit after
+it" (definitions sit in the first ~900 tokens, the program line of step i after them,
+earlier results anywhere in the trace), so a decode step needs a few far-away blocks plus
+the local one: sparse and long-range. With `x17 = 4` instead, the model must match the pair
+(name, `=`) rather than one token; in our runs that learned the x lookups more slowly and
+to a worse end (after 6K steps at --seq-len 1024: held-out step accuracy 30% against 68%).
+Defaults (300 variables, 120 steps): 4,147 tokens, a 1,624-token prompt and a 2,523-token trace.
 Text is words joined by single spaces, with no space around newlines.
 
     python tiny.py data --n 200 --seed 1 --out eval.jsonl     # problems {prompt, answer, text}
@@ -43,7 +46,7 @@ from tqdm import tqdm
 import model as M
 
 BASE = 10                                   # values and arithmetic are mod BASE
-N_X, N_Y = 300, 120                         # default problem: 4 N_X + 30 N_Y + 7 tokens
+N_X, N_Y = 300, 120                         # default problem: 3 N_X + 27 N_Y + 7 tokens
 X_NAMES = [f"x{i}" for i in range(400)]     # one token each; caps n_x at 400 and n_y at 200
 Y_NAMES = [f"y{i}" for i in range(1, 201)]
 EOS, PAD = "<|endoftext|>", "<pad>"
@@ -58,13 +61,13 @@ OPS = {"+": lambda a, b: (a + b) % BASE, "-": lambda a, b: (a - b) % BASE}
 
 def n_tokens(n_x, n_y):
     """Tokens of prompt + trace (without the final <|endoftext|>)."""
-    return 4 * n_x + 2 + 6 * n_y + 2 + 24 * n_y + 3
+    return 3 * n_x + 2 + 6 * n_y + 2 + 21 * n_y + 3
 
 
 def step_line(y, a, op, b, va, vb):
     """The trace line of one step, its operands' values given."""
     r = OPS[op](va, vb)
-    return f"{y} := {a} {op} {b} ; {a} = {va} ; {b} = {vb} ; {va} {op} {vb} = {r} ; {y} = {r}"
+    return f"{y} := {a} {op} {b} ; {a} {va} ; {b} {vb} ; {va} {op} {vb} = {r} ; {y} {r}"
 
 
 def make_problem(rng, n_x=N_X, n_y=N_Y, p_x=0.6):
@@ -86,7 +89,7 @@ def make_problem(rng, n_x=N_X, n_y=N_Y, p_x=0.6):
         trace.append(step_line(y, a, op, b, value[a], value[b]))
         value[y] = OPS[op](value[a], value[b])
     answer = str(value[Y_NAMES[n_y - 1]])
-    prompt = "\n".join([f"{x} = {value[x]}" for x in xs] + ["<prog>"] + prog + ["<trace>", ""])
+    prompt = "\n".join([f"{x} {value[x]}" for x in xs] + ["<prog>"] + prog + ["<trace>", ""])
     return dict(prompt=prompt, trace="\n".join(trace + [f"answer = {answer}"]), answer=answer)
 
 
@@ -98,7 +101,7 @@ def parse_prompt(prompt):
     value = {}
     for line in defs.split("\n"):
         if line.strip():
-            name, _, v = line.split()
+            name, v = line.split()
             value[name] = int(v)
     steps = [tuple(w for i, w in enumerate(line.split()) if i != 1) for line in prog.split("\n") if line.strip()]
     return value, steps
@@ -123,7 +126,7 @@ def score(problem, generated, strict=False):
         want = step_line(y, a, op, b, ref[a], ref[b]).split()
         got = lines[i] if i < len(lines) else []
         ok += got == want
-        claim = got[-1] if got[-3:-1] == [y, "="] else None
+        claim = got[-1] if got[-2:-1] == [y] else None
         stated[y] = int(claim) if claim is not None and claim.isdigit() else true[y]
     answers = [w[2] for w in lines if len(w) == 3 and w[:2] == ["answer", "="]]
     return bool(answers) and answers[-1] == str(true[steps[-1][0]]), ok, len(steps)
@@ -166,9 +169,9 @@ def tiny_config():
 
 def sizes_for(seq_len):
     """The largest (n_x, n_y) that fits seq_len tokens with the final <|endoftext|> (n_x = 2.5 n_y)."""
-    n_y = min((seq_len - 8) // 40, len(Y_NAMES))
+    n_y = min((seq_len - 8) * 2 // 69, len(Y_NAMES))
     if n_y < 2:
-        raise ValueError(f"--seq-len {seq_len} is too short: a problem of 2 steps needs 88 tokens")
+        raise ValueError(f"--seq-len {seq_len} is too short: a problem of 2 steps needs 77 tokens")
     return min(5 * n_y // 2, len(X_NAMES)), n_y
 
 
@@ -226,11 +229,11 @@ def heldout_accuracy(net, tok, device, seq_len, n=8, seed=999_999):
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
         _, hit = trace_loss(net, torch.from_numpy(ids).to(device), P)
     net.train()
-    steps = hit[:, :24 * n_y].reshape(n, n_y, 24).cpu()                 # [n, steps, 24 tokens incl. "\n"]
-    line = torch.from_numpy(ids[:, P:P + 24 * n_y]).reshape(n, n_y, 24)
+    steps = hit[:, :21 * n_y].reshape(n, n_y, 21).cpu()                 # [n, steps, 21 tokens incl. "\n"]
+    line = torch.from_numpy(ids[:, P:P + 21 * n_y]).reshape(n, n_y, 21)
     x0 = VOCAB.index(X_NAMES[0])
     is_x = (line[..., [2, 4]] >= x0) & (line[..., [2, 4]] < x0 + len(X_NAMES))  # operand a, b a defined x?
-    looked_up = steps[..., [8, 12]]                                     # their values, as the trace restates them
+    looked_up = steps[..., [7, 10]]                                     # their values, as the trace restates them
     return dict(token_acc=hit.float().mean().item(), step_acc=steps.all(-1).float().mean().item(),
                 x_acc=looked_up[is_x].float().mean().item(), y_acc=looked_up[~is_x].float().mean().item())
 
@@ -333,7 +336,7 @@ def main(argv=None):
     t.add_argument("--batch", type=int, default=32, help="rows of --seq-len tokens per step (shorter problems: "
                                                          "proportionally more of them)")
     t.add_argument("--seq-len", type=int, default=5120, help="tokens of the largest training problem "
-                                                             "(5120: 317 variables, 127 steps; covers the default task)")
+                                                             "(5120: 370 variables, 148 steps; covers the default task)")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine to 10%% of it)")
     t.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     t.add_argument("--eval-every", type=int, default=250, help="held-out teacher-forced accuracy and a save every "
