@@ -113,30 +113,36 @@ def rotate(x, cos, sin):
 
 
 def decode_attention_ref(q, k_pages, v_pages, block_table, lengths, blocks=None, scale=None):
-    """Paged decode attention in plain PyTorch (the reference the kernel is checked against).
+    """Paged decode attention in plain PyTorch: the CPU path, and what the kernel replaces on CUDA.
 
     q [B, Hq, D]; k_pages, v_pages [P, S, Hk, D]; block_table [B, NB] int32 (logical block ->
     page; entries past a sequence's end are ignored); lengths [B] tokens incl. the new one;
     blocks None (dense) or [B, Hk, K] logical block ids, -1 = padding. Returns [B, Hq, D].
     """
     B, Hq, D = q.shape
-    S, Hk = k_pages.shape[1], k_pages.shape[2]
+    P, S, Hk = k_pages.shape[:3]
     NB = block_table.shape[1]
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
-    pages = block_table.long().clamp(0, k_pages.shape[0] - 1)
-    k = k_pages[pages].reshape(B, NB * S, Hk, D)                 # [B, NB*S, Hk, D]
-    v = v_pages[pages].reshape(B, NB * S, Hk, D)
-    pos = torch.arange(NB * S, device=q.device)
-    keep = (pos[None, :] < lengths[:, None].long())[:, None, :]  # [B, 1, NB*S]
-    if blocks is not None:                                       # [B, Hk, NB] block mask
-        chosen = torch.zeros(B, Hk, NB + 1, dtype=torch.bool, device=q.device)
-        chosen.scatter_(2, torch.where(blocks < 0, NB, blocks).long(), True)
-        keep = keep & chosen[:, :, :NB].repeat_interleave(S, dim=2)  # [B, Hk, NB*S]
-    v = torch.where(keep.transpose(1, 2)[..., None], v, 0)      # unwritten slots may hold NaN
+    if blocks is None:                                           # every block of the sequence
+        pages = block_table.long().clamp(0, P - 1)
+        k = k_pages[pages].reshape(B, NB * S, Hk, D).transpose(1, 2)   # [B, Hk, NB*S, D]
+        v = v_pages[pages].reshape(B, NB * S, Hk, D).transpose(1, 2)
+        pos = torch.arange(NB * S, device=q.device)[None, None]  # [1, 1, NB*S]
+        keep = pos < lengths[:, None, None].long()               # [B, 1, NB*S]
+    else:                                                        # only the chosen blocks, as the kernel
+        K = blocks.shape[2]
+        ids = blocks.long()                                      # [B, Hk, K], -1 = padding
+        pages = block_table.long().gather(1, ids.clamp(min=0).view(B, Hk * K)).view(B, Hk, K).clamp(0, P - 1)
+        heads = torch.arange(Hk, device=q.device)[None, :, None]
+        k = k_pages.transpose(1, 2)[pages, heads].flatten(2, 3)  # [B, Hk, K*S, D]
+        v = v_pages.transpose(1, 2)[pages, heads].flatten(2, 3)
+        pos = ids[..., None] * S + torch.arange(S, device=q.device)  # [B, Hk, K, S] token positions
+        keep = ((ids[..., None] >= 0) & (pos < lengths[:, None, None, None].long())).flatten(2)  # [B, Hk, K*S]
+    v = torch.where(keep[..., None], v, 0)                      # unwritten slots may hold NaN
     qg = q.view(B, Hk, Hq // Hk, D).float()
-    scores = torch.einsum("bhgd,bthd->bhgt", qg, k.float()) * scale  # [B, Hk, G, NB*S]
+    scores = torch.einsum("bhgd,bhtd->bhgt", qg, k.float()) * scale  # [B, Hk, G, T]
     scores = scores.masked_fill(~keep[:, :, None, :], float("-inf"))
-    out = torch.einsum("bhgt,bthd->bhgd", scores.softmax(-1), v.float())
+    out = torch.einsum("bhgt,bhtd->bhgd", scores.softmax(-1), v.float())
     return out.reshape(B, Hq, D).to(q.dtype)
 
 
