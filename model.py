@@ -248,7 +248,7 @@ class Qwen3(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         return self.logits(self.hidden(input_ids, positions))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(self, ids, seq_id, cache, select=None):
         """Dense causal forward of one prompt (list of ids), K/V written to its pages -> logits [V]."""
         if len(ids) == 0:
@@ -263,7 +263,7 @@ class Qwen3(nn.Module):
         x = self.hidden(torch.tensor([ids], device=device), positions[None], step)
         return self.logits(x[0, -1])
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, tokens, block_table, lengths, cache, select=None):
         """One new token for each live sequence -> logits [B, V].
 
