@@ -235,7 +235,8 @@ def heldout_accuracy(net, tok, device, seq_len, n=8, seed=999_999):
     is_x = (line[..., [2, 4]] >= x0) & (line[..., [2, 4]] < x0 + len(X_NAMES))  # operand a, b a defined x?
     looked_up = steps[..., [7, 10]]                                     # their values, as the trace restates them
     return dict(token_acc=hit.float().mean().item(), step_acc=steps.all(-1).float().mean().item(),
-                x_acc=looked_up[is_x].float().mean().item(), y_acc=looked_up[~is_x].float().mean().item())
+                x_acc=looked_up[is_x].float().mean().item(), y_acc=looked_up[~is_x].float().mean().item(),
+                sign_acc=steps[..., 3].float().mean().item())             # the sign, copied from the program line
 
 
 def save_folder(net, tok, out, log=None):
@@ -307,7 +308,8 @@ def pretrain(args):
             log["evals"].append(dict(step=step + 1, seconds=round(time.time() - t0), loss=round(loss.item(), 4), **acc))
             tqdm.write(f"step {step + 1}: loss {loss.item():.4f}, held-out teacher-forced token acc "
                        f"{acc['token_acc']:.2%}, step acc {acc['step_acc']:.2%}, value lookups: x {acc['x_acc']:.2%} "
-                       f"(definitions in the prompt), y {acc['y_acc']:.2%} (results in the trace)")
+                       f"(definitions in the prompt), y {acc['y_acc']:.2%} (results in the trace); "
+                       f"signs copied from the program {acc['sign_acc']:.2%}")
             save_folder(net, tok, args.out, log)
     seconds = time.time() - t0
     acc = heldout_accuracy(net, tok, args.device, args.seq_len)
@@ -316,7 +318,7 @@ def pretrain(args):
     save_folder(net, tok, args.out, log)
     print(f"pretrained {done} steps, {tokens / 1e6:.1f}M tokens in {seconds:.0f} s ({tokens / seconds:.0f} tokens/s) "
           f"on {log['device']}; final loss {loss.item():.4f}; held-out teacher-forced token acc {acc['token_acc']:.2%}, "
-          f"step acc {acc['step_acc']:.2%}, x lookups {acc['x_acc']:.2%}, y lookups {acc['y_acc']:.2%}; saved {args.out}")
+          f"step acc {acc['step_acc']:.2%}, x lookups {acc['x_acc']:.2%}, y lookups {acc['y_acc']:.2%}, signs {acc['sign_acc']:.2%}; saved {args.out}")
 
 
 def main(argv=None):
