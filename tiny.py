@@ -19,13 +19,16 @@ Defaults (300 variables, 120 steps): 4,147 tokens, a 1,624-token prompt and a 2,
 Text is words joined by single spaces, with no space around newlines.
 
     python tiny.py data --n 200 --seed 1 --out eval.jsonl     # problems {prompt, answer, text}
-    python tiny.py pretrain --out tiny                        # one GPU, --max-minutes (default 10)
+    python tiny.py pretrain --out a --seq-len 1024            # one GPU, --max-minutes (default 10)
+    python tiny.py pretrain --init a --out tiny --lr 1e-3     # then full length (5120), from a
 
 Pretraining draws fresh problems every step, with the loss on the trace, and saves a Hugging
 Face Qwen3 folder (bf16 weights, < 10 MB). Problem sizes are log-uniform from 2 variables and
 2 steps up to the largest: the many small problems, where a lookup has few candidates, are
 what can teach the model to find a value by its name (with sizes only from 1/8 of the
-largest up, x lookups stayed at chance for 4,000 steps).
+largest up, x lookups stayed at chance for 4,000 steps). Short sequences first: a step
+is small, a run makes many more of them, and the lookups formed there within 2K steps
+where 5K steps at 5,120 tokens had not found them (the README has the shipped runs).
 """
 import argparse
 import copy
