@@ -24,6 +24,7 @@ import torch.nn as nn
 from model import RMSNorm, apply_rope, fused, rms_norm, rope_cos_sin
 
 SELECTORS = ("dense", "seer", "quest", "oracle", "window")
+GATE_EPS = 1e-6   # the gate's q/k RMSNorm epsilon
 
 
 class Weight(nn.Module):
@@ -39,8 +40,8 @@ class AttnGate(nn.Module):
         self.hk, self.g, self.d, self.dg, self.block_size, self.rope_theta = hk, g, d, dg, block_size, rope_theta
         self.attngate_linear_q = Weight(hk, g, d, dg)
         self.attngate_linear_k = Weight(hk, 3 * d, dg)
-        self.attngate_qnorm = RMSNorm(dg, 1e-6) if use_qk_norm else None
-        self.attngate_knorm = RMSNorm(dg, 1e-6) if use_qk_norm else None
+        self.attngate_qnorm = RMSNorm(dg, GATE_EPS) if use_qk_norm else None
+        self.attngate_knorm = RMSNorm(dg, GATE_EPS) if use_qk_norm else None
 
     def query(self, q, positions):
         """q [N, Hq, D] pre-RoPE, positions [N] -> gate queries [N, Hk, Dg]."""
@@ -59,17 +60,22 @@ class AttnGate(nn.Module):
     def knorm_weight(self):
         return self.attngate_knorm.weight if self.attngate_knorm is not None else None
 
+    def block_keys(self, k):
+        """Pre-RoPE keys k [T, Hk, D] of one sequence -> gate keys [T // S, Hk, Dg] of its complete blocks."""
+        nb = k.shape[0] // self.block_size
+        blocks = k[: nb * self.block_size].unflatten(0, (nb, self.block_size))   # [NB, S, Hk, D]
+        avg = blocks.mean(1, dtype=torch.promote_types(k.dtype, torch.float32)).to(k.dtype)
+        return self.key(torch.cat([blocks.amax(1), blocks.amin(1), avg], -1), torch.arange(nb, device=k.device))
+
     def scores(self, q, k):
         """Training/analysis view over one whole sequence: q [T, Hq, D], k [T, Hk, D] (pre-RoPE)
         -> scores [T, Hk, NB] over the NB = T // S complete blocks, -inf where block j is not
         complete-and-before t's own block."""
         T, S = q.shape[0], self.block_size
         nb = T // S
-        blocks = k[: nb * S].reshape(nb, S, self.hk, self.d)           # [NB, S, Hk, D]
-        pooled = torch.cat([blocks.amax(1), blocks.amin(1), blocks.mean(1, dtype=torch.promote_types(k.dtype, torch.float32)).to(k.dtype)], -1)
         ar = torch.arange(T, device=q.device)
         gq = self.query(q, ar)                                         # [T, Hk, Dg]
-        gk = self.key(pooled, torch.arange(nb, device=q.device))       # [NB, Hk, Dg]
+        gk = self.block_keys(k)                                        # [NB, Hk, Dg]
         s = torch.einsum("the,jhe->thj", gq, gk) / math.sqrt(self.dg)  # [T, Hk, NB]
         visible = torch.arange(nb, device=q.device)[None, :] < (ar // S)[:, None]  # [T, NB]
         s = s.to(torch.promote_types(s.dtype, torch.float32))         # softmax in >= float32
@@ -80,19 +86,21 @@ def gate_query(q, positions, wq, norm, theta):
     """q [N, Hq, D] pre-RoPE; wq [Hk, G, D, Dg]; norm [Dg] or None -> gate queries [N, Hk, Dg]."""
     hk, g, d, dg = wq.shape
     gq = torch.einsum("nhgd,hgde->nhe", q.reshape(q.shape[0], hk, g, d).to(wq.dtype), wq)
-    if norm is not None:
-        gq = rms_norm(gq.reshape(-1, dg), norm, 1e-6).view(gq.shape)
-    return apply_rope(gq, *rope_cos_sin(positions, dg, theta, gq.dtype))
+    return norm_rope(gq, norm, positions, theta)
 
 
 def gate_key(pooled, block_ids, wk, norm, block_size, theta):
     """pooled [M, Hk, 3D]; wk [Hk, 3D, Dg]; norm [Dg] or None -> gate keys [M, Hk, Dg], RoPE at
     each block's first token."""
-    dg = wk.shape[-1]
     gk = torch.einsum("mhc,hce->mhe", pooled.to(wk.dtype), wk)
+    return norm_rope(gk, norm, block_ids * block_size, theta)
+
+
+def norm_rope(x, norm, positions, theta):
+    """x [N, Hk, Dg] -> RMS-normed with weight norm (unless None), then RoPE at positions [N]."""
     if norm is not None:
-        gk = rms_norm(gk.reshape(-1, dg), norm, 1e-6).view(gk.shape)
-    return apply_rope(gk, *rope_cos_sin(block_ids * block_size, dg, theta, gk.dtype))
+        x = rms_norm(x.reshape(-1, x.shape[-1]), norm, GATE_EPS).view(x.shape)
+    return apply_rope(x, *rope_cos_sin(positions, x.shape[-1], theta, x.dtype))
 
 
 # ---- gate folders: config.json (base model config + seerattn_* fields) + safetensors ----

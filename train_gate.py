@@ -228,13 +228,6 @@ def target(bmax, lse, rows, nb, S):
 
 # ---- one layer's gate: keys once, queries and loss per chunk ----
 
-def gate_keys(gate, k, nb):
-    """Pre-RoPE keys k [T, Hk, D] -> gate keys [NB, Hk, Dg] of the complete blocks (as AttnGate.scores)."""
-    blocks = k[: nb * gate.block_size].reshape(nb, gate.block_size, *k.shape[1:])   # [NB, S, Hk, D]
-    pooled = torch.cat([blocks.amax(1), blocks.amin(1), blocks.float().mean(1).to(k.dtype)], -1)
-    return gate.key(pooled, torch.arange(nb, device=k.device))
-
-
 def gate_logits(gate, q, rows, gk):
     """q [C, Hq, D] pre-RoPE at positions rows -> scores [C, Hk, NB], -inf outside the visible blocks."""
     s = torch.einsum("che,jhe->chj", gate.query(q, rows), gk).float() / math.sqrt(gate.dg)
@@ -253,7 +246,7 @@ def train_layer(gate, q, k, qr, kr, loss_from, chunk, weight):
     a, b = counted_rows(T, S, loss_from)
     total = torch.zeros((), device=q.device)
     with torch.enable_grad():
-        gk = gate_keys(gate, k, nb)
+        gk = gate.block_keys(k)
         gk_leaf = gk.detach().requires_grad_()
         for t0 in range(a, b, chunk):
             t1 = min(b, t0 + chunk)
@@ -276,7 +269,7 @@ def recall_layer(gate, q, k, qr, kr, loss_from, chunk, budgets, sums):
     S, T, Hk = gate.block_size, q.shape[0], k.shape[1]
     nb = T // S
     G = q.shape[1] // Hk
-    gk = gate_keys(gate, k, nb)
+    gk = gate.block_keys(k)
     kb = kr[: nb * S].float().view(nb, S, Hk, -1)                               # [NB, S, Hk, D]
     kmax, kmin = kb.amax(1), kb.amin(1)
     a, b = counted_rows(T, S, loss_from)
