@@ -251,11 +251,8 @@ class Selector:
         for n, t in zip(names, new):
             pooled[n][layer, pages] = t
         if self.attn == "seer":               # the complete blocks (all but a partial last one) get gate keys
-            full = N // S
-            kmax, kmin, ksum = (t[:full] for t in new)
-            pooled_k = torch.cat([kmax, kmin, (ksum / S).to(kmax.dtype)], -1)  # [full, Hk, 3D]
-            gk = self.model.layers[layer].self_attn.attn_gate.key(pooled_k, torch.arange(full, device=x.device))
-            pooled["gate_k"][layer, pages[:full]] = gk.to(pooled["gate_k"].dtype)
+            gk = self.model.layers[layer].self_attn.attn_gate.block_keys(k)            # [N // S, Hk, Dg]
+            pooled["gate_k"][layer, pages[:N // S]] = gk.to(pooled["gate_k"].dtype)
 
     def __call__(self, layer, step, q, qr):
         """q, qr [B, Hq, D] (pre-/post-RoPE) -> blocks [B, Hk, K] logical ids, -1 padded, or None (dense)."""
