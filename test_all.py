@@ -347,6 +347,49 @@ def test_seer_decode_picks_the_top_blocks_of_the_training_view_scores(tmp_path):
             assert set(blocks[0, h].tolist()) - {-1} == set(top.indices[:3].tolist()) | {69 // 8}, (i, h)
 
 
+@cuda_triton
+@pytest.mark.parametrize("dg,S,NB", [(32, 16, 300), (128, 64, 512), (128, 64, 1500), (64, 32, 7)])
+def test_seer_pick_kernel_matches_float64_topk_and_threshold(dg, S, NB):
+    """gate.seer_pick (gather + scores + top-k / threshold + token counts in one Triton kernel)
+    against a float64 selection written here: ragged lengths (< one block, exact multiples, padding
+    rows of length 0 and 1), pages shuffled, ties at the cut, budgets past the blocks there are."""
+    torch.manual_seed(dg + NB)
+    B, Hk = 6, 4
+    P = B * NB + 5
+    gate_k = torch.randn(P, Hk, dg, device="cuda").bfloat16()
+    gate_k[::3] = gate_k[::3].round()                        # some exactly equal scores
+    gq = torch.randn(B, Hk, dg, device="cuda").bfloat16().round()
+    table = torch.randperm(P, device="cuda")[:B * NB].view(B, NB).int()
+    lengths = torch.tensor([0, 1, S - 3, 4 * S, NB * S, NB * S // 2 + 7], dtype=torch.int32, device="cuda")
+    s64 = torch.einsum("bhe,bjhe->bhj", gq.double(), gate_k[table.long()].double())    # [B, Hk, NB]
+    for k, thr in ((1, 0.0), (3, 0.0), (min(NB, 40), 0.0), (NB, 0.0), (0, 0.01)):
+        read, total = torch.zeros(1, dtype=torch.float64, device="cuda"), torch.zeros(1, dtype=torch.float64, device="cuda")
+        out = GT.seer_pick(gq, gate_k, table, lengths, S, k, thr, read, total).cpu()
+        want_read = want_total = 0
+        for b, n in enumerate(lengths.tolist()):
+            cur = max(n - 1, 0) // S
+            for h in range(Hk):
+                row = out[b, h].tolist()                     # chosen ids, then -1s, then the new token's block
+                got = [x for x in row[:-1] if x >= 0]
+                assert row[-1] == cur and row[:-1] == got + [-1] * (len(row) - 1 - len(got)), (b, h)
+                assert len(got) == len(set(got)) and all(0 <= x < cur for x in got), (b, h)
+                s = s64[b, h, :cur].cpu()
+                if k:                                        # the k best, up to ties at the cut
+                    assert len(got) == min(k, cur)
+                    rest = sorted(set(range(cur)) - set(got))
+                    if got and rest:
+                        assert s[got].min() >= s[rest].max() - 1e-3 * s.abs().max()
+                elif cur:                                    # softmax weight above the threshold
+                    p = (s / math.sqrt(dg)).softmax(-1)
+                    sure = set(torch.nonzero(p > thr + 1e-4).flatten().tolist())
+                    maybe = set(torch.nonzero(p > thr - 1e-4).flatten().tolist())
+                    assert sure <= set(got) <= maybe
+                if n > 1:
+                    want_read += len(got) * S + n - cur * S
+                    want_total += n
+        assert read.item() == want_read and total.item() == want_total
+
+
 class Spy:
     """Passes calls through to a selector and records what each layer's selection saw."""
     def __init__(self, sel, captured):
