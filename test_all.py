@@ -860,11 +860,13 @@ def reference_solution(prompt):
     return {n: val(n) for n in list(defs) + list(rule)}, prog
 
 
-@pytest.mark.parametrize("seed,n_x,n_y", [(0, 300, 120), (1, 5, 40), (2, 50, 3), (3, 400, 200)])
-def test_generated_trace_agrees_with_an_independent_evaluator(seed, n_x, n_y):
-    p = tiny.make_problem(random.Random(seed), n_x, n_y)
+@pytest.mark.parametrize("seed,n_x,n_y,ops", [(0, 300, 120, "+-"), (1, 5, 40, "+-"), (2, 50, 3, "+-"),
+                                              (3, 400, 200, "+-"), (4, 300, 120, "+"), (5, 30, 60, "-")])
+def test_generated_trace_agrees_with_an_independent_evaluator(seed, n_x, n_y, ops):
+    p = tiny.make_problem(random.Random(seed), n_x, n_y, ops=ops)
     value, prog = reference_solution(p["prompt"])
     assert len(prog) == n_y and len([k for k in value if k.startswith("x")]) == n_x
+    assert {s[2] for s in prog} == set(ops)
     lines = p["trace"].split("\n")
     assert len(lines) == n_y + 1 and lines[-1] == f"answer = {value[prog[-1][0]]}" and p["answer"] == lines[-1][9:]
     for i, ((y, a, op, b), line) in enumerate(zip(prog, lines)):

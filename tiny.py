@@ -73,11 +73,11 @@ def step_line(y, a, op, b, va, vb):
     return f"{y} := {a} {op} {b} ; {a} {va} ; {b} {vb} ; {va} {op} {vb} = {r} ; {y} {r}"
 
 
-def make_problem(rng, n_x=N_X, n_y=N_Y, p_x=0.6):
+def make_problem(rng, n_x=N_X, n_y=N_Y, p_x=0.6, ops="+-"):
     """rng (random.Random, or an int seed) -> dict(prompt, trace, answer); text = prompt + trace.
 
     Step i's operands are each a defined x (prob p_x, always for step 1) or a uniformly
-    chosen earlier y, so most lookups reach far back."""
+    chosen earlier y, so most lookups reach far back. Each step's operation is drawn from ops."""
     if not 1 <= n_x <= len(X_NAMES) or not 1 <= n_y <= len(Y_NAMES):
         raise ValueError(f"need 1 <= n_x <= {len(X_NAMES)} and 1 <= n_y <= {len(Y_NAMES)}, got {n_x}, {n_y}")
     rng = random.Random(rng) if isinstance(rng, int) else rng
@@ -87,7 +87,7 @@ def make_problem(rng, n_x=N_X, n_y=N_Y, p_x=0.6):
     for i in range(1, n_y + 1):
         y = Y_NAMES[i - 1]
         a, b = (rng.choice(xs) if i == 1 or rng.random() < p_x else Y_NAMES[rng.randrange(i - 1)] for _ in "ab")
-        op = rng.choice("+-")
+        op = rng.choice(ops)
         prog.append(f"{y} := {a} {op} {b}")
         trace.append(step_line(y, a, op, b, value[a], value[b]))
         value[y] = OPS[op](value[a], value[b])
@@ -135,12 +135,12 @@ def score(problem, generated, strict=False):
     return bool(answers) and answers[-1] == str(true[steps[-1][0]]), ok, len(steps)
 
 
-def write_jsonl(path, n, seed, n_x=N_X, n_y=N_Y):
+def write_jsonl(path, n, seed, n_x=N_X, n_y=N_Y, ops="+-"):
     """n problems from random.Random(seed) -> JSON lines {prompt, answer, text = prompt + trace}."""
     rng = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(n):
-            p = make_problem(rng, n_x, n_y)
+            p = make_problem(rng, n_x, n_y, ops=ops)
             f.write(json.dumps(dict(prompt=p["prompt"], answer=p["answer"], text=p["prompt"] + p["trace"])) + "\n")
 
 
@@ -333,6 +333,9 @@ def main(argv=None):
     d.add_argument("--out", required=True, help="output .jsonl")
     d.add_argument("--n-x", type=int, default=N_X, help=f"defined variables per problem (<= {len(X_NAMES)})")
     d.add_argument("--n-y", type=int, default=N_Y, help=f"program steps per problem (<= {len(Y_NAMES)})")
+    d.add_argument("--ops", default="+-", choices=["+-", "+", "-"],
+                   help="operations the program draws from (the shipped model was trained on +-; with one, "
+                        "no step has to fetch its sign from the far program line)")
     t = sub.add_parser("pretrain", help="train the tiny Qwen3 from scratch and save a Hugging Face folder")
     t.add_argument("--out", default="tiny", help="output model folder (rewritten at every eval and at the end)")
     t.add_argument("--steps", type=int, default=40000, help="optimizer steps at most (see --max-minutes)")
@@ -356,7 +359,7 @@ def main(argv=None):
         if args.n < 1:
             raise SystemExit("error: --n must be >= 1")
         try:
-            write_jsonl(args.out, args.n, args.seed, args.n_x, args.n_y)
+            write_jsonl(args.out, args.n, args.seed, args.n_x, args.n_y, args.ops)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
         print(f"wrote {args.n} problems of {n_tokens(args.n_x, args.n_y)} tokens to {args.out}")
