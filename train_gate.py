@@ -262,10 +262,17 @@ def train_layer(gate, q, k, qr, kr, loss_from, chunk, weight):
     return total
 
 
+FAR_MASS, FAR_BLOCKS = 0.5, 3   # a far needle: one block >= 3 blocks back holding >= half a head's attention
+
+
 @torch.no_grad()
 def recall_layer(gate, q, k, qr, kr, loss_from, chunk, budgets, sums):
     """Attention recall of gate, Quest and oracle selections at each budget (top budget/S visible
-    blocks + the query's own block): share of the group's exact attention mass they cover."""
+    blocks + the query's own block): share of the group's exact attention mass they cover.
+    And far needles: (row, KV head) cases whose most-attended visible block (a head of the group
+    giving it >= FAR_MASS of its attention) lies >= FAR_BLOCKS blocks before the row's own; how
+    many of them each selection holds. Averaged recall hides these misses, since most rows
+    attend locally, yet one missed lookup can derail a decode."""
     S, T, Hk = gate.block_size, q.shape[0], k.shape[1]
     nb = T // S
     G = q.shape[1] // Hk
@@ -277,20 +284,27 @@ def recall_layer(gate, q, k, qr, kr, loss_from, chunk, budgets, sums):
         t1 = min(b, t0 + chunk)
         rows = torch.arange(t0, t1, device=q.device)
         bmax, blse, lse = block_stats(qr, kr, t0, t1, S, with_blse=True)
-        mass = (blse - lse[..., None]).exp().sum(2)                             # [C, Hk, NBall] group's mass
+        p_block = (blse - lse[..., None]).exp()                                 # [C, Hk, G, NBall] per head
+        mass = p_block.sum(2)                                                   # [C, Hk, NBall] group's mass
         own = mass.gather(-1, (rows // S)[:, None, None].expand(-1, Hk, 1))[..., 0]   # [C, Hk]
+        vis = visible(rows, nb, S)                                              # [C, NB]
+        peak, needle = p_block[..., :nb].amax(2).masked_fill(~vis[:, None, :], 0.0).max(-1)   # [C, Hk]
+        far = (peak >= FAR_MASS) & (needle <= (rows // S)[:, None] - FAR_BLOCKS)
         qg = qr[t0:t1].float().view(t1 - t0, Hk, G, -1)                         # [C, Hk, G, D]
         quest = (torch.einsum("chgd,jhd->chgj", qg.clamp(min=0), kmax)          # SPEC §4 bound, max over G
                  + torch.einsum("chgd,jhd->chgj", qg.clamp(max=0), kmin)).amax(2)
         scores = {"gate": gate_logits(gate, q[t0:t1], rows, gk), "quest": quest,
                   "oracle": (bmax[..., :nb] - lse[..., None]).exp().amax(2)}
         for name, s in scores.items():
-            s = s.masked_fill(~visible(rows, nb, S)[:, None, :], float("-inf"))
+            s = s.masked_fill(~vis[:, None, :], float("-inf"))
             for budget in budgets:
                 top = s.topk(min(budget // S, nb), dim=-1)
                 got = (mass[..., :nb].gather(-1, top.indices) * (top.values > float("-inf"))).sum(-1) + own
                 sums[name, budget] = sums.get((name, budget), 0.0) + (got / G).sum().double()
+                found = far & (top.indices == needle[..., None]).any(-1)
+                sums[name, budget, "far"] = sums.get((name, budget, "far"), 0.0) + found.sum().double()
         sums["n"] = sums.get("n", 0.0) + (t1 - t0) * Hk
+        sums["far"] = sums.get("far", 0.0) + far.sum().double()
 
 
 # ---- checkpoints ----
@@ -492,15 +506,20 @@ def main(argv=None):
         sums = {}
         run(evals[rank::world], lambda i, *x: recall_layer(gates[i], *x, args.loss_from, args.q_chunk,
                                                            args.budgets, sums))
-        keys = [(n, b) for n in ("gate", "quest", "oracle") for b in args.budgets] + ["n"]
+        names = ("gate", "quest", "oracle")
+        keys = [(n, b, *f) for f in ((), ("far",)) for n in names for b in args.budgets] + ["n", "far"]
         tot = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64, device=args.device) for k in keys])
         if world > 1:
             dist.all_reduce(tot)
-        res = {k: (tot[i] / tot[-1]).item() for i, k in enumerate(keys[:-1])}
+        tot = dict(zip(keys, tot.tolist()))
+        res = {k: v / max(tot["far" if len(k) == 3 else "n"], 1.0) for k, v in tot.items() if k not in ("n", "far")}
+        res["far cases"] = tot["far"]
         say(f"attention recall at step {step} ({len(evals)} held-out sequences, queries from --loss-from on; "
-            f"top budget/S blocks + own block):\n"
-            f"  budget    gate   quest  oracle\n" + "\n".join(
-                f"  {b:6d}  {res['gate', b]:.4f}  {res['quest', b]:.4f}  {res['oracle', b]:.4f}" for b in args.budgets))
+            f"top budget/S blocks + own block), and the share of {tot['far']:.0f} far needles (a block >= "
+            f"{FAR_BLOCKS} back with >= {FAR_MASS} of a head's attention) that the selection holds:\n"
+            f"  budget    gate   quest  oracle   far: gate   quest  oracle\n" + "\n".join(
+                f"  {b:6d}" + "".join(f"  {res[n, b]:.4f}" for n in names) + "      "
+                + "".join(f"  {res[n, b, 'far']:.4f}" for n in names) for b in args.budgets))
         history["recall"][step] = res
 
     def work(i, q, k, qr, kr):
