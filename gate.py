@@ -272,7 +272,7 @@ class Selector:
         k = 0 if self.threshold is not None else min(self.budget // S, NB)
         if self.attn == "seer":
             gate = self.model.layers[layer].self_attn.attn_gate
-            if triton is not None and q.is_cuda:                       # one kernel after the gate query
+            if triton is not None and q.is_cuda and gate.dg & (gate.dg - 1) == 0:  # one kernel after the gate query
                 gq = seer_query(q, step.positions, gate.attngate_linear_q.weight, gate.qnorm_weight, gate.rope_theta)
                 return seer_pick(gq, cache.pooled["gate_k"][layer], step.block_table, step.lengths, S, k,
                                  self.threshold or 0.0, self.read, self.total)
