@@ -444,8 +444,8 @@ def seer_pick(gq, gate_k, table, lengths, S, k, threshold, read, total):
     out = torch.empty(B, Hk, W, dtype=torch.int32, device=gq.device)
     nb_p2 = triton.next_power_of_2(NB)
     scale = 1.0 if k else 1.0 / math.sqrt(Dg)
-    _seer_pick_kernel[(Hk, B)](gq.contiguous(), gate_k, table, lengths, out, read, total, NB, gate_k.shape[0],
-                               scale, threshold, k, W, Hk=Hk, DG=Dg, S=S, TOP_K=k > 0, NB_P2=nb_p2,
-                               W_P2=triton.next_power_of_2(W), DCH=min(Dg, max(16, 8192 // nb_p2)),
+    _seer_pick_kernel[(Hk, B)](gq.contiguous(), gate_k, table.contiguous(), lengths.contiguous(), out, read, total,
+                               NB, gate_k.shape[0], scale, threshold, k, W, Hk=Hk, DG=Dg, S=S, TOP_K=k > 0,
+                               NB_P2=nb_p2, W_P2=triton.next_power_of_2(W), DCH=min(Dg, max(16, 8192 // nb_p2)),
                                num_warps=max(4, min(16, nb_p2 // 128)))
     return out
