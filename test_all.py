@@ -251,22 +251,28 @@ def gated_model(path, hq=4, hk=2, d=32, seed=0):
     return net
 
 
-def test_pooled_keys_incremental_decode_equal_prefill(tmp_path):
-    net = gated_model(tmp_path)
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]   # on CUDA, seer's decode runs gate.py's Triton kernels
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_pooled_keys_incremental_decode_equal_prefill(tmp_path, dev, monkeypatch):
+    monkeypatch.setattr(M, "decode_attention", M.decode_attention_ref)   # float32 here: not the TileLang kernel
+    net = gated_model(tmp_path).to(dev)
     torch.manual_seed(5)
     ids = torch.randint(0, 128, (29,)).tolist()
     for attn, budget in (("seer", 256), ("quest", 256)):   # full budget: decode keys equal prefill keys
-        cache = M.PagedKVCache(net.config, 16, 8)
+        cache = M.PagedKVCache(net.config, 16, 8, dev)
         sel = GT.Selector(attn, net, cache, budget)
         net.prefill(ids, "p", cache, sel)                    # all 29 tokens at once
         net.prefill(ids[:3], "d", cache, sel)                # 3, then 26 decode steps
         cache.allocate("d", len(ids))
         for n, t in enumerate(ids[3:], start=3):
-            net.decode(torch.tensor([t]), cache.block_table(["d"]), torch.tensor([n], dtype=torch.int32), cache, sel)
+            net.decode(torch.tensor([t], device=dev), cache.block_table(["d"]),
+                       torch.tensor([n], dtype=torch.int32, device=dev), cache, sel)
         for name, buf in cache.pooled.items():
             pp, pd = cache.pages["p"], cache.pages["d"]
             n = 3 if name == "gate_k" else 4                 # gate keys exist for full pages only
-            assert torch.allclose(buf[:, pp[:n]], buf[:, pd[:n]], atol=1e-5), name
+            assert torch.allclose(buf[:, pp[:n]], buf[:, pd[:n]], atol=1e-5 if dev == "cpu" else 1e-4), name
 
 
 def greedy(net, prompts, attn, budget=None, n=40, page=8):
@@ -324,27 +330,29 @@ def test_oracle_picks_blocks_of_highest_true_attention_and_quest_bounds_qk(tmp_p
         captured.clear()
 
 
-def test_seer_decode_picks_the_top_blocks_of_the_training_view_scores(tmp_path):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_seer_decode_picks_the_top_blocks_of_the_training_view_scores(tmp_path, dev, monkeypatch):
     """Decode-time seer (running pooled stats, gate keys made as pages fill, one step's query)
     picks the blocks that AttnGate.scores, run on the same q and k all at once, ranks highest."""
-    net = gated_model(tmp_path, hq=8, hk=2)
+    monkeypatch.setattr(M, "decode_attention", M.decode_attention_ref)   # float32 here: not the TileLang kernel
+    net = gated_model(tmp_path, hq=8, hk=2).to(dev)
     torch.manual_seed(8)
     ids = torch.randint(0, 128, (70,)).tolist()
     seen = {i: [] for i in range(len(net.layers))}           # each layer's pre-RoPE q, k as decode made them
     for layer in net.layers:
         layer.self_attn.capture = lambda i, q, k, qr, kr: seen[i].append((q.flatten(0, 1), k.flatten(0, 1)))
-    cache = M.PagedKVCache(net.config, 32, 8)
+    cache = M.PagedKVCache(net.config, 32, 8, dev)
     sel = GT.Selector("seer", net, cache, 24)                  # 3 blocks + the current one
     net.prefill(ids[:40], 0, cache, sel)
     cache.allocate(0, 70)
     captured = {}
     for n in range(40, 70):                                    # crosses pages: gate keys made at decode
         captured.clear()
-        net.decode(torch.tensor([ids[n]]), cache.block_table([0]), torch.tensor([n], dtype=torch.int32), cache,
-                   Spy(sel, captured))
+        net.decode(torch.tensor([ids[n]], device=dev), cache.block_table([0]),
+                   torch.tensor([n], dtype=torch.int32, device=dev), cache, Spy(sel, captured))
     for i, (qr, blocks, table, lengths) in captured.items():
         q, k = (torch.cat(t) for t in zip(*seen[i]))         # [70, Hq, D], [70, Hk, D]
-        score = net.layers[i].self_attn.attn_gate.scores(q, k).detach()[69]   # [Hk, NB] at the last token
+        score = net.layers[i].self_attn.attn_gate.scores(q, k).detach()[69].cpu()   # [Hk, NB] at the last token
         for h in range(2):
             top = score[h].topk(4)
             assert top.values[2] - top.values[3] > 1e-4       # no near-tie at the cut
