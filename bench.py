@@ -181,9 +181,29 @@ def step_bytes(net, B, ctx, sparsity, S, gates):
     return w + kv + pooled
 
 
-def bench_ours(net, B, ctx, attn, budget, steps, S=64):
-    """ms per decode step (CUDA graph replays), measured sparsity. The cache holds random K, V
-    and gate keys for ctx tokens per sequence (prefill is not what is timed)."""
+def kernel_profile(fn, layers, top=8):
+    """One eager call of fn under torch.profiler -> lines: kernels per layer, their total time, the
+    kernels that take the most (where a decode step's time goes, launch gaps aside)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    per = {}  # kernel name -> (launches, µs)
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            n, us = per.get(e.name, (0, 0.0))
+            per[e.name] = (n + 1, us + e.device_time)
+    n_all, us_all = sum(n for n, _ in per.values()), sum(us for _, us in per.values())
+    lines = [f"#   one eager step: {n_all / layers:.1f} kernels per layer, {us_all / 1e3:.2f} ms of kernel time"]
+    for name, (n, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"#   {us / 1e3:7.3f} ms {n:5d}x {us / n:7.1f} µs  {name[:80]}")
+    return lines
+
+
+def bench_ours(net, B, ctx, attn, budget, steps, S=64, profile=False):
+    """ms per decode step (CUDA graph replays), measured sparsity, and with profile=True the
+    kernel_profile lines of one eager step. The cache holds random K, V and gate keys for ctx
+    tokens per sequence (prefill is not what is timed)."""
     import gate as GT
     import generate as gen
     import model as M
@@ -208,9 +228,11 @@ def bench_ours(net, B, ctx, attn, budget, steps, S=64):
     end.record()
     torch.cuda.synchronize()
     ms, sparsity = start.elapsed_time(end) / steps, select.sparsity()
+    prof = kernel_profile(lambda: net.decode(tokens, table, lengths, cache, select),
+                          net.config.num_hidden_layers) if profile else []
     del run, cache
     torch.cuda.empty_cache()
-    return ms, sparsity
+    return ms, sparsity, prof
 
 
 def bench_hf(shape, B, ctx, steps):
@@ -267,12 +289,14 @@ def bench_e2e(args):
                     continue
                 dense = None
                 for attn, budget in [("dense", None)] + [("seer", b) for b in args.budget]:
-                    ms, sp = bench_ours(net, B, ctx, attn, budget, args.steps)
+                    ms, sp, prof = bench_ours(net, B, ctx, attn, budget, args.steps, profile=args.profile)
                     dense = dense or ms
                     floor = step_bytes(net, B, ctx + args.steps // 2, sp, 64, attn == "seer") / copy_gbs / 1e6
                     hf_ours[(shape, B, ctx)] = dense
                     print(f"{shape:>9} {B:>9} {ctx:>9} {attn:>9} {budget or '-':>9} {ms:>9.2f} {B * 1e3 / ms:>9.0f} "
                           f"{sp:>9.3f} {floor:>9.2f} {ms / floor:>9.2f} {dense / ms:>9.2f}", flush=True)
+                    for line in prof:
+                        print(line, flush=True)
         del net
         torch.cuda.empty_cache()
     for spec in args.hf:
@@ -311,6 +335,8 @@ def main():
     e.add_argument("--hf", nargs="*", default=["qwen3-8b:8:8192", "qwen3-8b:1:32768"],
                    help="transformers baselines as shape:batch:context (none: skip)")
     e.add_argument("--hf-steps", type=int, default=32, help="decode steps timed for transformers")
+    e.add_argument("--profile", action="store_true",
+                   help="after each row, the kernels of one eager decode step (torch.profiler): per layer, top 8")
     args = parser.parse_args()
     t0 = time.time()
     if args.cmd == "kernel":
