@@ -384,7 +384,7 @@ def block_attention(qr, k_pages, block_table, lengths):
 
 
 # ---- seer's scores + top-k in one kernel (CUDA) ----
-# Compiled, seer_scores + pick_blocks are still ~7 kernels per layer (the gather-and-dot, a
+# Compiled, seer_scores + pick_blocks are still ~6 kernels per layer (the gather-and-dot, a
 # masked fill, torch.topk's two passes and sort, the id and token-count writes): ~48 µs per
 # layer at batch 8 x 32K on an H100, about what the sparse attention takes (52 µs). One Triton
 # program per (KV head, sequence) does it all in 22 µs there: gathers the row's gate keys
