@@ -401,8 +401,8 @@ if triton is not None:
         length = tl.load(lengths + b)
         cur = tl.maximum(length - 1, 0) // S                             # block of the new token
         j = tl.arange(0, NB_P2)
+        page = tl.load(table + b * NB + j, mask=j < NB, other=0)          # (not waiting for the length)
         valid = j < tl.minimum(cur, NB)                                  # complete blocks before it
-        page = tl.load(table + b * NB + j, mask=valid, other=0)
         page = tl.minimum(tl.maximum(page, 0), P - 1).to(tl.int64)
         score = tl.zeros([NB_P2], tl.float32)
         for d0 in tl.static_range(0, DG, DCH):                           # score[j] = gq . gate_k[page[j]]
@@ -446,6 +446,71 @@ def seer_pick(gq, gate_k, table, lengths, S, k, threshold, read, total):
     scale = 1.0 if k else 1.0 / math.sqrt(Dg)
     _seer_pick_kernel[(Hk, B)](gq.contiguous(), gate_k, table.contiguous(), lengths.contiguous(), out, read, total,
                                NB, gate_k.shape[0], scale, threshold, k, W, Hk=Hk, DG=Dg, S=S, TOP_K=k > 0,
-                               NB_P2=nb_p2, W_P2=triton.next_power_of_2(W), DCH=min(Dg, max(16, 8192 // nb_p2)),
-                               num_warps=max(4, min(16, nb_p2 // 128)))
+                               NB_P2=nb_p2, W_P2=triton.next_power_of_2(W), DCH=min(Dg, max(16, 32768 // nb_p2)),
+                               num_warps=16)   # 512 threads: many gate-key loads in flight per program
     return out
+
+
+# ---- seer's pooled-key update in one kernel (CUDA) ----
+# seer_pool_step compiled is still ~7 kernels per layer (gathers of the running stats, their
+# writes, the gate-key GEMM, norm and RoPE, the scatter to the scratch page). Here one program
+# per (KV head, sequence) folds the new key into its page's max / min / sum and, only when the
+# key fills the page, makes the gate key as AttnGate.key does (rounding where PyTorch rounds).
+
+if triton is not None:
+    @triton.jit
+    def _seer_pool_kernel(x, sx_b, sx_h, positions, page, kmax, kmin, ksum, gate_k, wk, norm, inv_freq, eps,
+                          Hk: tl.constexpr, D: tl.constexpr, DG: tl.constexpr, S: tl.constexpr,
+                          HAS_NORM: tl.constexpr):
+        h, b = tl.program_id(0), tl.program_id(1)
+        pos = tl.load(positions + b)
+        pg = tl.load(page + b).to(tl.int64)
+        off = pos % S
+        d = tl.arange(0, D)
+        xv = tl.load(x + b * sx_b + h * sx_h + d)
+        at = (pg * Hk + h) * D + d
+        first = off == 0
+        new_max = tl.where(first, xv, tl.maximum(tl.load(kmax + at), xv))
+        new_min = tl.where(first, xv, tl.minimum(tl.load(kmin + at), xv))
+        new_sum = tl.where(first, 0.0, tl.load(ksum + at)) + xv.to(tl.float32)
+        tl.store(kmax + at, new_max)
+        tl.store(kmin + at, new_min)
+        tl.store(ksum + at, new_sum)
+        if off == S - 1:   # the page is full: its gate key [max | min | avg] @ Wk[h], norm, RoPE
+            WT = wk.dtype.element_ty
+            e = tl.arange(0, DG // 2)
+            avg = (new_sum / S).to(WT).to(tl.float32)
+            lo = tl.zeros([DG // 2], tl.float32)
+            hi = tl.zeros([DG // 2], tl.float32)
+            for c in tl.static_range(3):   # max, min, avg rows of Wk[h]; the key's two halves apart (RoPE)
+                part = new_max.to(tl.float32) if c == 0 else (new_min.to(tl.float32) if c == 1 else avg)
+                w = wk + (h * 3 * D + c * D + d[:, None]) * DG
+                lo += tl.sum(part[:, None] * tl.load(w + e[None, :]).to(tl.float32), 0)
+                hi += tl.sum(part[:, None] * tl.load(w + DG // 2 + e[None, :]).to(tl.float32), 0)
+            lo, hi = lo.to(WT).to(tl.float32), hi.to(WT).to(tl.float32)
+            if HAS_NORM:
+                r = tl.rsqrt((tl.sum(lo * lo, 0) + tl.sum(hi * hi, 0)) / DG + eps)
+                lo = ((lo * r).to(WT).to(tl.float32) * tl.load(norm + e).to(tl.float32)).to(WT).to(tl.float32)
+                hi = ((hi * r).to(WT).to(tl.float32) * tl.load(norm + DG // 2 + e).to(tl.float32)).to(WT).to(tl.float32)
+            angle = (pos - off).to(tl.float32) * tl.load(inv_freq + e)    # RoPE at the block's first token
+            cos = tl.cos(angle).to(WT).to(tl.float32)
+            sin = tl.sin(angle).to(WT).to(tl.float32)
+            out = gate_k + (pg * Hk + h) * DG
+            tl.store(out + e, lo * cos - hi * sin)
+            tl.store(out + DG // 2 + e, hi * cos + lo * sin)
+
+
+_INV_FREQ = {}   # (Dg, theta, device) -> RoPE inverse frequencies, computed as cos_sin does
+
+
+def seer_pool(x, positions, page, kmax, kmin, ksum, gate_k, wk, norm, S, theta):
+    """The kernel's take on seer_pool_step (same arguments, no scratch page needed)."""
+    B, Hk, D = x.shape
+    Dg = gate_k.shape[-1]
+    key = (Dg, theta, x.device)
+    if key not in _INV_FREQ:
+        _INV_FREQ[key] = 1.0 / theta ** (torch.arange(0, Dg, 2, device=x.device, dtype=torch.float32) / Dg)
+    assert x.stride(2) == 1
+    _seer_pool_kernel[(Hk, B)](x, x.stride(0), x.stride(1), positions, page, kmax, kmin, ksum, gate_k, wk,
+                               wk if norm is None else norm, _INV_FREQ[key], GATE_EPS, Hk=Hk, D=D, DG=Dg, S=S,
+                               HAS_NORM=norm is not None)
