@@ -238,9 +238,9 @@ class Selector:
         if step.block_table is not None:      # decode: one token per sequence, updated in place
             if self.attn == "seer":
                 gate = self.model.layers[layer].self_attn.attn_gate
-                seer_pool_step(k, step.positions, page, step.cache.scratch,
-                               *(pooled[n][layer] for n in ("kmax", "kmin", "ksum", "gate_k")),
-                               gate.attngate_linear_k.weight, gate.knorm_weight, S, gate.rope_theta)
+                (seer_pool if use_triton(k, gate) else seer_pool_step)(
+                    k, step.positions, page, step.cache.scratch, *(pooled[n][layer] for n in ("kmax", "kmin", "ksum", "gate_k")),
+                    gate.attngate_linear_k.weight, gate.knorm_weight, S, gate.rope_theta)
             else:
                 running_pool(kr, step.positions % S == 0, page, pooled["qmax"][layer], pooled["qmin"][layer])
             return
@@ -272,7 +272,7 @@ class Selector:
         k = 0 if self.threshold is not None else min(self.budget // S, NB)
         if self.attn == "seer":
             gate = self.model.layers[layer].self_attn.attn_gate
-            if triton is not None and q.is_cuda and gate.dg & (gate.dg - 1) == 0:  # one kernel after the gate query
+            if use_triton(q, gate):                                    # one kernel after the gate query
                 gq = seer_query(q, step.positions, gate.attngate_linear_q.weight, gate.qnorm_weight, gate.rope_theta)
                 return seer_pick(gq, cache.pooled["gate_k"][layer], step.block_table, step.lengths, S, k,
                                  self.threshold or 0.0, self.read, self.total)
@@ -381,6 +381,11 @@ def block_attention(qr, k_pages, block_table, lengths):
     valid = torch.arange(NB * S, device=qr.device)[None, :] < lengths[:, None].long()
     p = s.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1)   # [B, Hk, G, NB*S]
     return p.view(B, Hk, -1, NB, S).amax(dim=(2, 4))
+
+
+def use_triton(x, gate):
+    """The Triton kernels below serve CUDA tensors with power-of-two head and gate widths."""
+    return triton is not None and x.is_cuda and all(n & (n - 1) == 0 for n in (x.shape[-1], gate.dg))
 
 
 # ---- seer's scores + top-k in one kernel (CUDA) ----
@@ -503,14 +508,14 @@ if triton is not None:
 _INV_FREQ = {}   # (Dg, theta, device) -> RoPE inverse frequencies, computed as cos_sin does
 
 
-def seer_pool(x, positions, page, kmax, kmin, ksum, gate_k, wk, norm, S, theta):
-    """The kernel's take on seer_pool_step (same arguments, no scratch page needed)."""
+def seer_pool(x, positions, page, scratch, kmax, kmin, ksum, gate_k, wk, norm, S, theta):
+    """The kernel's take on seer_pool_step, same arguments (scratch unused: the kernel branches)."""
     B, Hk, D = x.shape
     Dg = gate_k.shape[-1]
     key = (Dg, theta, x.device)
     if key not in _INV_FREQ:
         _INV_FREQ[key] = 1.0 / theta ** (torch.arange(0, Dg, 2, device=x.device, dtype=torch.float32) / Dg)
-    assert x.stride(2) == 1
-    _seer_pool_kernel[(Hk, B)](x, x.stride(0), x.stride(1), positions, page, kmax, kmin, ksum, gate_k, wk,
-                               wk if norm is None else norm, _INV_FREQ[key], GATE_EPS, Hk=Hk, D=D, DG=Dg, S=S,
-                               HAS_NORM=norm is not None)
+    x = x if x.stride(2) == 1 else x.contiguous()      # rows and heads may be strided, channels not
+    _seer_pool_kernel[(Hk, B)](x, x.stride(0), x.stride(1), positions.contiguous(), page.contiguous(), kmax, kmin,
+                               ksum, gate_k, wk, wk if norm is None else norm, _INV_FREQ[key], GATE_EPS,
+                               Hk=Hk, D=D, DG=Dg, S=S, HAS_NORM=norm is not None)
