@@ -388,34 +388,44 @@ def use_triton(x, gate):
     return triton is not None and x.is_cuda and all(n & (n - 1) == 0 for n in (x.shape[-1], gate.dg))
 
 
-# ---- seer's scores + top-k in one kernel (CUDA) ----
-# Compiled, seer_scores + pick_blocks are still ~6 kernels per layer (the gather-and-dot, a
-# masked fill, torch.topk's two passes and sort, the id and token-count writes): ~48 µs per
-# layer at batch 8 x 32K on an H100, about what the sparse attention takes (52 µs). One Triton
-# program per (KV head, sequence) does it all in 22 µs there: gathers the row's gate keys
-# through the page table, scores them against the gate query, finds the k-th largest score by
-# a bitwise search (32 counts over the row, all in registers), writes the chosen ids and the
-# new token's block, and adds the tokens read to the counters. Ids come out in block order.
+# ---- seer's scores + top-k in two kernels (CUDA) ----
+# Compiled, seer_scores + pick_blocks are ~6 kernels per layer (the gather-and-dot, a masked
+# fill, torch.topk's two passes and sort, the id and token-count writes): ~48 µs per layer at
+# batch 8 x 32K on an H100. Here the scoring is spread wide (one program per SCORE_BLK blocks
+# of a (sequence, KV head) row: gathers their gate keys through the page table, dots them with
+# the gate query) and the picking is one small program per row that keeps the row's scores in
+# registers, finds the k-th largest by a bitwise search (32 counts over the row), writes the
+# chosen ids in block order and the new token's block, and adds the tokens read to the
+# counters. The search is 32 dependent reductions, cheap within one warp and ~0.3 µs each
+# across 16: done in the scoring program it cost 22 µs per layer at 8 x 32K, all of it fixed.
+
+SCORE_BLK = 32    # blocks per scoring program
+PICK_WARPS = 1    # warps per picking program: the search's reductions stay in registers
 
 if triton is not None:
     @triton.jit
-    def _seer_pick_kernel(gq, gate_k, table, lengths, out, read, total, NB, P, scale, threshold,
-                          K, W, Hk: tl.constexpr, DG: tl.constexpr, S: tl.constexpr,
-                          TOP_K: tl.constexpr, NB_P2: tl.constexpr, W_P2: tl.constexpr, DCH: tl.constexpr):
+    def _seer_score_kernel(gq, gate_k, table, lengths, scores, NB, P, scale,
+                           Hk: tl.constexpr, DG: tl.constexpr, S: tl.constexpr, BLK: tl.constexpr):
+        c, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        j = c * BLK + tl.arange(0, BLK)
+        length = tl.load(lengths + b)
+        page = tl.load(table + b * NB + j, mask=j < NB, other=0)          # (not waiting for the length)
+        page = tl.minimum(tl.maximum(page, 0), P - 1).to(tl.int64)
+        valid = j < tl.minimum(tl.maximum(length - 1, 0) // S, NB)       # complete blocks before the new token
+        d = tl.arange(0, DG)
+        q = tl.load(gq + (b * Hk + h) * DG + d).to(tl.float32)
+        k = tl.load(gate_k + (page[:, None] * Hk + h) * DG + d[None, :], mask=valid[:, None], other=0.0)
+        tl.store(scores + (b * Hk + h) * NB + j, tl.sum(k.to(tl.float32) * q[None, :], 1) * scale, mask=j < NB)
+
+    @triton.jit
+    def _seer_pick_kernel(scores, lengths, out, read, total, NB, threshold, K, W, Hk: tl.constexpr,
+                          S: tl.constexpr, TOP_K: tl.constexpr, NB_P2: tl.constexpr, W_P2: tl.constexpr):
         h, b = tl.program_id(0), tl.program_id(1)
         length = tl.load(lengths + b)
         cur = tl.maximum(length - 1, 0) // S                             # block of the new token
         j = tl.arange(0, NB_P2)
-        page = tl.load(table + b * NB + j, mask=j < NB, other=0)          # (not waiting for the length)
         valid = j < tl.minimum(cur, NB)                                  # complete blocks before it
-        page = tl.minimum(tl.maximum(page, 0), P - 1).to(tl.int64)
-        score = tl.zeros([NB_P2], tl.float32)
-        for d0 in tl.static_range(0, DG, DCH):                           # score[j] = gq . gate_k[page[j]]
-            d = d0 + tl.arange(0, DCH)
-            q = tl.load(gq + (b * Hk + h) * DG + d).to(tl.float32)
-            k = tl.load(gate_k + (page[:, None] * Hk + h) * DG + d[None, :], mask=valid[:, None], other=0.0)
-            score += tl.sum(k.to(tl.float32) * q[None, :], 1)
-        score = score * scale
+        score = tl.load(scores + (b * Hk + h) * NB + j, mask=valid, other=0.0)
         if TOP_K:   # the K best: the K-th largest key, bit by bit from the top
             bits = score.to(tl.int32, bitcast=True)
             key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # float order, >= 0
@@ -441,18 +451,19 @@ if triton is not None:
 
 
 def seer_pick(gq, gate_k, table, lengths, S, k, threshold, read, total):
-    """The kernel's take on seer_scores + pick_blocks: gq [B, Hk, Dg] gate queries, gate_k [P, Hk, Dg]
+    """The kernels' take on seer_scores + pick_blocks: gq [B, Hk, Dg] gate queries, gate_k [P, Hk, Dg]
     -> blocks [B, Hk, k + 1] (or [B, Hk, NB + 1] with k == 0 and a threshold), -1 padded."""
     B, Hk, Dg = gq.shape
     NB = table.shape[1]
     W = k + 1 if k else NB + 1
+    table, lengths = table.contiguous(), lengths.contiguous()
+    scores = torch.empty(B, Hk, NB, dtype=torch.float32, device=gq.device)
     out = torch.empty(B, Hk, W, dtype=torch.int32, device=gq.device)
-    nb_p2 = triton.next_power_of_2(NB)
     scale = 1.0 if k else 1.0 / math.sqrt(Dg)
-    _seer_pick_kernel[(Hk, B)](gq.contiguous(), gate_k, table.contiguous(), lengths.contiguous(), out, read, total,
-                               NB, gate_k.shape[0], scale, threshold, k, W, Hk=Hk, DG=Dg, S=S, TOP_K=k > 0,
-                               NB_P2=nb_p2, W_P2=triton.next_power_of_2(W), DCH=min(Dg, max(16, 32768 // nb_p2)),
-                               num_warps=16)   # 512 threads: many gate-key loads in flight per program
+    _seer_score_kernel[(triton.cdiv(NB, SCORE_BLK), Hk, B)](gq.contiguous(), gate_k, table, lengths, scores, NB,
+                                                              gate_k.shape[0], scale, Hk=Hk, DG=Dg, S=S, BLK=SCORE_BLK)
+    _seer_pick_kernel[(Hk, B)](scores, lengths, out, read, total, NB, threshold, k, W, Hk=Hk, S=S, TOP_K=k > 0,
+                               NB_P2=triton.next_power_of_2(NB), W_P2=triton.next_power_of_2(W), num_warps=PICK_WARPS)
     return out
 
 

@@ -46,7 +46,9 @@ try:
 except ImportError:  # CPU-only installs run model.decode_attention_ref instead
     tilelang = None
 
-MAX_SPLITS = 64  # most splits of one (sequence, KV head); the combine holds them all at once
+MAX_SPLITS = 32  # most splits of one (sequence, KV head); the combine holds them all at once.
+# With CHUNK that is 8192 blocks per sequence (128K tokens at page 16); 64 made the unrolled
+# combine ~4 µs slower at batch 16 x 32K (H100, 2026-11-23).
 CHUNK = 256  # most list entries one program walks (num_splits keeps shares under it)
 ROWS = 16  # query rows per program: G (<= 8) padded to the tensor-core tile height
 LOG2E = 1.4426950408889634

@@ -455,10 +455,12 @@ ptr, i32, f32 = "*bf16", "i32", "fp32"
 def build(kernel, args, consts):
     sig = {**args, **{k: "constexpr" for k in consts}}
     triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
-for top_k, nb in ((True, 512), (False, 2048)):   # Qwen3-8B shapes: Hk 8, gate width 128, block 64
-    build(GT._seer_pick_kernel, dict(gq=ptr, gate_k=ptr, table="*i32", lengths="*i32", out="*i32", read="*fp64",
-                                     total="*fp64", NB=i32, P=i32, scale=f32, threshold=f32, K=i32, W=i32),
-          dict(Hk=8, DG=128, S=64, TOP_K=top_k, NB_P2=nb, W_P2=128 if top_k else 4096, DCH=16))
+build(GT._seer_score_kernel, dict(gq=ptr, gate_k=ptr, table="*i32", lengths="*i32", scores="*fp32", NB=i32,
+                                  P=i32, scale=f32), dict(Hk=8, DG=128, S=64, BLK=GT.SCORE_BLK))
+for top_k, nb in ((True, 512), (False, 2048)):   # Qwen3-8B shapes: Hk 8, block 64
+    build(GT._seer_pick_kernel, dict(scores="*fp32", lengths="*i32", out="*i32", read="*fp64", total="*fp64",
+                                     NB=i32, threshold=f32, K=i32, W=i32),
+          dict(Hk=8, S=64, TOP_K=top_k, NB_P2=nb, W_P2=128 if top_k else 4096))
 build(GT._seer_pool_kernel, dict(x=ptr, sx_b=i32, sx_h=i32, positions="*i64", page="*i64", kmax=ptr, kmin=ptr,
                                  ksum="*fp32", gate_k=ptr, wk=ptr, norm=ptr, inv_freq="*fp32", eps=f32),
       dict(Hk=8, D=128, DG=128, S=64, HAS_NORM=True))
