@@ -396,11 +396,10 @@ def use_triton(x, gate):
 # the gate query) and the picking is one small program per row that keeps the row's scores in
 # registers, finds the k-th largest by a bitwise search (32 counts over the row), writes the
 # chosen ids in block order and the new token's block, and adds the tokens read to the
-# counters. The search is 32 dependent reductions, cheap within one warp and ~0.3 µs each
-# across 16: done in the scoring program it cost 22 µs per layer at 8 x 32K, all of it fixed.
+# counters. The search is 32 dependent reductions: cheap within a few warps, dear across the
+# 16 that the scoring wants, which is why the two are apart.
 
-SCORE_BLK = 32    # blocks per scoring program
-PICK_WARPS = 1    # warps per picking program: the search's reductions stay in registers
+SCORE_BLK = 32    # blocks per scoring program (16 / 32 / 64 within 1 µs; H100, 2026-11-23)
 
 if triton is not None:
     @triton.jit
@@ -462,8 +461,11 @@ def seer_pick(gq, gate_k, table, lengths, S, k, threshold, read, total):
     scale = 1.0 if k else 1.0 / math.sqrt(Dg)
     _seer_score_kernel[(triton.cdiv(NB, SCORE_BLK), Hk, B)](gq.contiguous(), gate_k, table, lengths, scores, NB,
                                                               gate_k.shape[0], scale, Hk=Hk, DG=Dg, S=S, BLK=SCORE_BLK)
+    nb_p2 = triton.next_power_of_2(NB)
+    # one warp per 128 blocks, at most 4: batch 8, one warp 7.0 / 11.2 / 17.5 µs for both kernels at 128 / 512 /
+    # 1024 blocks, four 8.5 / 10.5 / 12.9; the single kernel took 11.6 / 16.1 / 20.0 (H100, 2026-11-23)
     _seer_pick_kernel[(Hk, B)](scores, lengths, out, read, total, NB, threshold, k, W, Hk=Hk, S=S, TOP_K=k > 0,
-                               NB_P2=triton.next_power_of_2(NB), W_P2=triton.next_power_of_2(W), num_warps=PICK_WARPS)
+                               NB_P2=nb_p2, W_P2=triton.next_power_of_2(W), num_warps=min(4, max(1, nb_p2 // 128)))
     return out
 
 
