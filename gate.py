@@ -485,14 +485,14 @@ if triton is not None:
         pg = tl.load(page + b).to(tl.int64)
         off = pos % S
         d = tl.arange(0, D)
-        xv = tl.load(x + b * sx_b + h * sx_h + d)
-        at = (pg * Hk + h) * D + d
-        first = off == 0
-        new_max = tl.where(first, xv, tl.maximum(tl.load(kmax + at), xv))
-        new_min = tl.where(first, xv, tl.minimum(tl.load(kmin + at), xv))
-        new_sum = tl.where(first, 0.0, tl.load(ksum + at)) + xv.to(tl.float32)
-        tl.store(kmax + at, new_max)
-        tl.store(kmin + at, new_min)
+        xv = tl.load(x + b * sx_b + h * sx_h + d).to(tl.float32)   # max / min in float32: exact for bf16
+        at = (pg * Hk + h) * D + d                                   # (and Triton's CPU interpreter compares
+        first = off == 0                                             #  bf16 as raw bits)
+        new_max = tl.where(first, xv, tl.maximum(tl.load(kmax + at).to(tl.float32), xv))
+        new_min = tl.where(first, xv, tl.minimum(tl.load(kmin + at).to(tl.float32), xv))
+        new_sum = tl.where(first, 0.0, tl.load(ksum + at)) + xv
+        tl.store(kmax + at, new_max.to(kmax.dtype.element_ty))
+        tl.store(kmin + at, new_min.to(kmin.dtype.element_ty))
         tl.store(ksum + at, new_sum)
         if off == S - 1:   # the page is full: its gate key [max | min | avg] @ Wk[h], norm, RoPE
             WT = wk.dtype.element_ty
@@ -501,7 +501,7 @@ if triton is not None:
             lo = tl.zeros([DG // 2], tl.float32)
             hi = tl.zeros([DG // 2], tl.float32)
             for c in tl.static_range(3):   # max, min, avg rows of Wk[h]; the key's two halves apart (RoPE)
-                part = new_max.to(tl.float32) if c == 0 else (new_min.to(tl.float32) if c == 1 else avg)
+                part = new_max if c == 0 else (new_min if c == 1 else avg)
                 w = wk + (h * 3 * D + c * D + d[:, None]) * DG
                 lo += tl.sum(part[:, None] * tl.load(w + e[None, :]).to(tl.float32), 0)
                 hi += tl.sum(part[:, None] * tl.load(w + DG // 2 + e[None, :]).to(tl.float32), 0)
