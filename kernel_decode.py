@@ -33,8 +33,11 @@ each. They depend on shapes only, never on lengths, so nothing syncs with the de
 Compiling once: one kernel per (dtype, Hq, Hk, D, S) and mode (sparse, dense), kept in
 _KERNELS. B, P, NBmax, K and the number of splits are TileLang dynamic dims (T.dynamic), i.e.
 runtime kernel arguments, and lengths and ids are data, so new shapes reuse the kernel.
-Bad indices are skipped or clamped, never read out of bounds (a wrong answer at worst);
-check=True validates them with a clear ValueError instead, at the cost of a device sync.
+Bad indices: by default (check=True) lengths, page ids and block ids are validated on the
+host before launch, with a clear ValueError; that costs one device sync, which a CUDA graph
+cannot hold, so the decode step (ids from our own page allocator and selectors) passes
+check=False. Unchecked, the kernel still never reads out of bounds: it skips block ids past
+the sequence and clamps page ids into the pool (a wrong answer at worst, never a fault).
 """
 import math
 
@@ -261,7 +264,10 @@ def _check_inputs(q, k_pages, v_pages, block_table, lengths, blocks):
 
 
 def _check_values(k_pages, block_table, lengths, blocks):
-    """Debug path (syncs): indices the kernel would skip or clamp are errors here."""
+    """Indices the kernel would skip or clamp are errors here (reads them: a device sync)."""
+    if lengths.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise ValueError("decode_attention(check=True) syncs with the device; "
+                         "inside CUDA graph capture pass check=False.")
     P, S = k_pages.shape[:2]
     NB = block_table.shape[1]
     n_blk = (lengths.long() + S - 1) // S
@@ -279,7 +285,7 @@ def _check_values(k_pages, block_table, lengths, blocks):
 
 
 def decode_attention(q, k_pages, v_pages, block_table, lengths, blocks=None, scale=None, *,
-                     check=False, splits=None):
+                     check=True, splits=None):
     """Paged (block-sparse) GQA decode attention; see the module docstring for shapes."""
     _check_inputs(q, k_pages, v_pages, block_table, lengths, blocks)
     if check:

@@ -649,17 +649,17 @@ def test_decode_kernel_skips_bad_block_ids_and_check_rejects_them():
     bad = blocks.clone()
     bad[0, 0, bad[0, 0].tolist().index(-1)] = 10       # past sequence 0's 4 blocks (NBmax 24)
     bad[1, 1, bad[1, 1].tolist().index(-1)] = 10**6    # past the block table
-    out = run_kernel(q, k, v, table, lengths, bad)
+    out = run_kernel(q, k, v, table, lengths, bad, check=False)   # unchecked: skipped, not read
     ref = reference_decode(q, k, v, table, lengths, blocks, 1 / math.sqrt(64))
     assert rel_err(out, ref) <= 1e-2
     with pytest.raises(ValueError):
-        run_kernel(q, k, v, table, lengths, bad, check=True)
+        run_kernel(q, k, v, table, lengths, bad)                         # checked (the default)
     dup = blocks.clone()
     row = dup[1, 0].tolist()
     dup[1, 0, row.index(-1)] = max(row)                 # a repeated id
     with pytest.raises(ValueError):
-        run_kernel(q, k, v, table, lengths, dup, check=True)
-    run_kernel(q, k, v, table, lengths, blocks, check=True)
+        run_kernel(q, k, v, table, lengths, dup)
+    run_kernel(q, k, v, table, lengths, blocks)
 
 
 def test_decode_kernel_rejects_bad_inputs_before_launch():
