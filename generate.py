@@ -16,6 +16,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 import gate as GT
 import model as M
@@ -240,7 +241,10 @@ def evaluate(net, tok, eos, args, gate_dirs, graphs):
             for budget in [None] if attn == "dense" else budgets:
                 if budget is not None and budget % block:
                     continue
-                _, out, sparsity, dt = run(net, tok, eos, texts, args, attn, budget, block, gate_dirs, graphs)
+                with tqdm(desc=f"{attn} block {block} budget {budget}", unit=" tok", leave=False,
+                          dynamic_ncols=True) as bar:                  # tokens generated so far
+                    _, out, sparsity, dt = run(net, tok, eos, texts, args, attn, budget, block, gate_dirs,
+                                               graphs, on_token=lambda i, t: bar.update())
                 scores = [score(args.task, r, tok.decode(o)) for r, o in zip(records, out)]
                 steps = sum(s[2] for s in scores)
                 rows.append((attn, "-" if attn == "dense" else block, budget or "-",
