@@ -286,7 +286,9 @@ def _check_values(k_pages, block_table, lengths, blocks):
 
 def decode_attention(q, k_pages, v_pages, block_table, lengths, blocks=None, scale=None, *,
                      check=True, splits=None):
-    """Paged (block-sparse) GQA decode attention; see the module docstring for shapes."""
+    """Paged (block-sparse) GQA decode attention; see the module docstring for shapes.
+    check: validate lengths, page ids and block ids first (a device sync; False inside CUDA graphs).
+    splits: programs per (sequence, KV head); default num_splits(...)."""
     _check_inputs(q, k_pages, v_pages, block_table, lengths, blocks)
     if check:
         _check_values(k_pages, block_table, lengths, blocks)
