@@ -485,9 +485,10 @@ if triton is not None:
         pg = tl.load(page + b).to(tl.int64)
         off = pos % S
         d = tl.arange(0, D)
-        xv = tl.load(x + b * sx_b + h * sx_h + d).to(tl.float32)   # max / min in float32: exact for bf16
-        at = (pg * Hk + h) * D + d                                   # (and Triton's CPU interpreter compares
-        first = off == 0                                             #  bf16 as raw bits)
+        # max / min in float32: exact for bf16 / fp16 (Triton's CPU interpreter compares bf16 as raw bits)
+        xv = tl.load(x + b * sx_b + h * sx_h + d).to(tl.float32)
+        at = (pg * Hk + h) * D + d
+        first = off == 0
         new_max = tl.where(first, xv, tl.maximum(tl.load(kmax + at).to(tl.float32), xv))
         new_min = tl.where(first, xv, tl.minimum(tl.load(kmin + at).to(tl.float32), xv))
         new_sum = tl.where(first, 0.0, tl.load(ksum + at)) + xv
