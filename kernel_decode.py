@@ -12,7 +12,7 @@ takes a contiguous share of its (sequence, KV head) work list -- the K selected 
 mode blocks 0 .. ceil(len/S)-1 -- and first resolves the whole share to page ids in shared
 memory, all threads at once (ids < 0 or >= ceil(len/S) become "skip": never read). Then a
 warp-specialised pipeline: one warpgroup issues TMA copies of each page's K and V slice
-[S, D] (two pages in flight), the other computes a [16, S] score tile Q K^T on tensor cores
+[S, D] (one stage: the next page's K loads during this page's P V), the other computes a [16, S] score tile Q K^T on tensor cores
 (the G query rows of the group padded to 16), masks tokens past the length, does the online
 softmax in float32 (exp2, log2(e) folded into the scale) and accumulates P V into [16, D].
 Unwritten slots of the partial last page may hold NaN, so that page's V rows past the length
@@ -57,7 +57,7 @@ ROWS = 16  # query rows per program: G (<= 8) padded to the tensor-core tile hei
 LOG2E = 1.4426950408889634
 
 
-def build(dtype, Hq, Hk, D, S, dense, stages=2, pdl="end"):
+def build(dtype, Hq, Hk, D, S, dense, stages=1, pdl="end"):
     """The TileLang program (split kernel + combine kernel) for one configuration."""
     threads = 64 if S == 16 else 128  # each warp needs >= 8 score columns of the [16, S] tile
     G = Hq // Hk
@@ -203,7 +203,12 @@ def build(dtype, Hq, Hk, D, S, dense, stages=2, pdl="end"):
 
 PASS_CONFIGS = {"tl.disable_safe_memory_legalize": True}
 _KERNELS = {}      # (dtype, Hq, Hk, D, S, dense, arch, STAGES, PDL) -> compiled kernel
-STAGES = 2         # pages in flight per program (K and V each)
+# Pipeline stages (page buffers of K and of V per program). 2 hangs on the H200 (2026-11-30):
+# a launch mixing rows that read all their entries with rows whose lists are mostly -1 (a
+# CUDA-graph bucket's padding rows) never ends; see the README and
+# test_decode_kernel_batch_of_full_rows_and_padding_rows. 1 runs it; at block 64 sparse calls
+# time the same, dense mode at batch 32 x 32K was 19% slower in the one run made.
+STAGES = 1
 PDL = "end"        # programmatic dependent launch of the combine kernel
 WAVES = 2          # resident programs per SM (registers and shared memory allow 2)
 MIN_PAGES = 2      # fewer pages per program cost more in the combine than they save

@@ -644,6 +644,21 @@ def test_decode_kernel_custom_scale_and_many_splits():
 
 
 @needs_gpu
+def test_decode_kernel_batch_of_full_rows_and_padding_rows():
+    """The launch that hung with two pipeline stages (H200, 2026-11-30; README): a CUDA-graph
+    bucket of 200 at the tiny model's shapes, 173 rows of 4162 tokens reading 65 blocks each,
+    27 padding rows of one token whose lists are 64 x -1 and block 0."""
+    rng = random.Random(0)
+    lengths = [4162] * 173 + [1] * 27
+    q, k, v, table, lengths, _ = kernel_inputs(torch.bfloat16, 4, 2, 64, 16, lengths, False, 11)
+    rows = [[sorted(rng.sample(range(260), 64)) + [260] for _ in range(2)] for _ in range(173)]
+    blocks = torch.tensor(rows + [[[-1] * 64 + [0]] * 2] * 27, dtype=torch.int32)  # [200, 2, 65]
+    for _ in range(20):
+        out = run_kernel(q, k, v, table, lengths, blocks)
+    assert rel_err(out, reference_decode(q, k, v, table, lengths, blocks, 1 / math.sqrt(64))) <= 1e-2
+
+
+@needs_gpu
 def test_decode_kernel_skips_bad_block_ids_and_check_rejects_them():
     q, k, v, table, lengths, blocks = kernel_inputs(torch.bfloat16, 8, 2, 64, 32, [100, 700], True, 5)
     bad = blocks.clone()
