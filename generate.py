@@ -293,7 +293,8 @@ def main(argv=None):
     p.add_argument("--kernel", default="auto", choices=["auto", "torch", "tilelang"],
                    help="decode attention: the TileLang kernel (cuda + tilelang) or the PyTorch reference; "
                         "auto picks TileLang when it can")
-    p.add_argument("--block-size", type=int, default=64, help="KV page size in tokens (= the gate's block size)")
+    p.add_argument("--block-size", type=int, help="KV page size in tokens (= the gate's block size); "
+                   "default 64, and 16 for the shipped tiny model")
     p.add_argument("--num-pages", type=int, default=0,
                    help="KV pages in the pool (default: just enough for the prompts + --max-new-tokens)")
     p.add_argument("--kv-memory-fraction", type=float,
@@ -311,8 +312,9 @@ def main(argv=None):
         args.model = TINY
         args.gate = args.gate or sorted(glob.glob(os.path.join(TINY, "gate-*")))
         args.attn = args.attn or "seer"
+        args.block_size = args.block_size or 16         # its best gates (README, tiny model results)
         if args.attn != "dense" and args.budget is None and args.threshold is None:
-            args.budget = 256
+            args.budget = 512
         args.task = "tiny"
         if not args.eval and not args.prompt and not args.prompts_file:
             seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -320,6 +322,7 @@ def main(argv=None):
             args.prompt = [problem["prompt"]]
             print(f"[tiny task, problem seed {seed}]")
     args.attn = args.attn or "dense"
+    args.block_size = args.block_size or 64
     args.seed = args.seed or 0
     if args.max_new_tokens is None:
         args.max_new_tokens = 8192 if args.task == "tiny" else 256
@@ -370,6 +373,7 @@ def main(argv=None):
         print(f"[answer {'correct' if ok else 'WRONG'} (expected {problem['answer']}) | steps correct {steps}/{total}]")
     n_gen = sum(len(o) for o in out)
     budget = f" budget {args.budget}" if args.budget else (f" threshold {args.threshold}" if args.threshold else "")
+    budget = f" block {args.block_size}{budget}" if args.attn != "dense" else budget
     print(f"[prompt tokens {sum(map(len, ids))} | generated tokens {n_gen} | {n_gen / dt:.1f} tokens/s | "
           f"attn {args.attn}{budget} | sparsity {sparsity:.1%}]")
 

@@ -922,7 +922,7 @@ def test_trained_gate_folder_runs_in_generate_seer(setup):
                         "--budget", "32", "--block-size", "16", "--max-new-tokens", "8",
                         "--prompt", " ".join(word_docs(1, 60)[0].split())], cwd=HERE, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "attn seer budget 32" in r.stdout
+    assert "attn seer block 16 budget 32" in r.stdout
 
 
 def test_data_formats_skip_and_count_bad_lines_and_short_sequences(setup, capsys):
@@ -1227,8 +1227,8 @@ def test_default_generate_runs_end_to_end_on_the_shipped_model():
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     assert "[tiny task, problem seed 3]" in out and re.search(r"\[answer (correct|WRONG) \(expected \d\) \| steps correct \d+/120\]", out)
-    m = re.search(r"generated tokens (\d+) \| [\d.]+ tokens/s \| attn seer budget 256 \| sparsity ([\d.]+)%", out)
-    assert m and int(m.group(1)) == 120 and float(m.group(2)) > 50   # a 1.6K-token prompt, 256 tokens read per step
+    m = re.search(r"generated tokens (\d+) \| [\d.]+ tokens/s \| attn seer block 16 budget 512 \| sparsity ([\d.]+)%", out)
+    assert m and int(m.group(1)) == 120 and float(m.group(2)) > 50   # a 1.6K-token prompt, 512 tokens read per step
 
 
 def test_eval_mode_scores_problems_and_prints_every_row(tmp_path):
