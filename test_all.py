@@ -41,17 +41,24 @@ needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and tilela
 
 # ---- the model and paged cache (model.py, generate.py) ----
 
-def make_hf_model(path, tied=False, hq=4, hk=2, d=64, layers=2, hidden=64, vocab=128, seed=0, shard=None):
-    """A small random Qwen3 saved by transformers itself (the independent reference)."""
+def make_hf_model(path, tied=False, hq=4, hk=2, d=64, layers=2, hidden=64, vocab=128, seed=0, shard=None,
+                  peaked=False):
+    """A small random Qwen3 saved by transformers itself (the independent reference). Norm weights
+    away from 1 (so a missed norm shows) and larger projections; or, peaked, q_norm / k_norm weights
+    raised so attention is peaked (a real signal for the gate; scaling q_proj / k_proj would not,
+    the norms undo it)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
     torch.manual_seed(seed)
     cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
                       num_attention_heads=hq, num_key_value_heads=hk, head_dim=d, tie_word_embeddings=tied,
                       max_position_embeddings=1024, rope_theta=10000.0, eos_token_id=vocab - 1)
     hf = Qwen3ForCausalLM(cfg).float().eval()
-    with torch.no_grad():   # norm weights away from 1 (so a missed norm shows), larger projections
+    with torch.no_grad():
         for name, p in hf.named_parameters():
-            if "norm" in name:
+            if peaked:
+                if "q_norm" in name or "k_norm" in name:
+                    p.fill_(2.0)
+            elif "norm" in name:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
             elif "proj" in name:
                 p.mul_(3.0)
@@ -713,23 +720,11 @@ def test_decode_kernel_compiles_for_sm90_at_model_shapes(dense):
 
 # ---- gate training (train_gate.py) ----
 
-def peaked_model(path, hq=4, hk=2, d=32, layers=2, hidden=64, vocab=128, seed=0):
-    """A small Qwen3 saved by transformers, q_norm/k_norm weights raised so attention is peaked (a real
-    signal for the gate; scaling q_proj/k_proj would not, the norms undo it), and a word-level
-    tokenizer.json (w0 .. w126, <eos>)."""
+def peaked_model(path):
+    """make_hf_model(peaked=True), head dim 32, with a word-level tokenizer.json (w0 .. w126, <eos>)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=hq, num_key_value_heads=hk, head_dim=d, max_position_embeddings=1024,
-                      rope_theta=10000.0, eos_token_id=vocab - 1)
-    hf = Qwen3ForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "q_norm" in name or "k_norm" in name:
-                p.fill_(2.0)
-    hf.save_pretrained(path)
-    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab - 1)} | {"<eos>": vocab - 1}, unk_token="w0"))
+    make_hf_model(path, d=32, peaked=True)
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(127)} | {"<eos>": 127}, unk_token="w0"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.save(os.path.join(path, "tokenizer.json"))
     return str(path)
