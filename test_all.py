@@ -658,7 +658,7 @@ def test_decode_kernel_batch_of_full_rows_and_padding_rows():
     rng = random.Random(0)
     lengths = [4162] * 173 + [1] * 27
     q, k, v, table, lengths, _ = kernel_inputs(torch.bfloat16, 4, 2, 64, 16, lengths, False, 11)
-    rows = [[sorted(rng.sample(range(260), 64)) + [260] for _ in range(2)] for _ in range(173)]
+    rows = [[rng.sample(range(260), 64) + [260] for _ in range(2)] for _ in range(173)]
     blocks = torch.tensor(rows + [[[-1] * 64 + [0]] * 2] * 27, dtype=torch.int32)  # [200, 2, 65]
     for _ in range(20):
         out = run_kernel(q, k, v, table, lengths, blocks)
