@@ -372,10 +372,10 @@ def main(argv=None):
         ok, steps, total = score("tiny", problem, tok.decode(out[0]))
         print(f"[answer {'correct' if ok else 'WRONG'} (expected {problem['answer']}) | steps correct {steps}/{total}]")
     n_gen = sum(len(o) for o in out)
-    budget = f" budget {args.budget}" if args.budget else (f" threshold {args.threshold}" if args.threshold else "")
-    budget = f" block {args.block_size}{budget}" if args.attn != "dense" else budget
+    how = "" if args.attn == "dense" else f" block {args.block_size}"
+    how += f" budget {args.budget}" if args.budget else (f" threshold {args.threshold}" if args.threshold else "")
     print(f"[prompt tokens {sum(map(len, ids))} | generated tokens {n_gen} | {n_gen / dt:.1f} tokens/s | "
-          f"attn {args.attn}{budget} | sparsity {sparsity:.1%}]")
+          f"attn {args.attn}{how} | sparsity {sparsity:.1%}]")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ takes a contiguous share of its (sequence, KV head) work list -- the K selected 
 mode blocks 0 .. ceil(len/S)-1 -- and first resolves the whole share to page ids in shared
 memory, all threads at once (ids < 0 or >= ceil(len/S) become "skip": never read). Then a
 warp-specialised pipeline: one warpgroup issues TMA copies of each page's K and V slice
-[S, D] (one stage: the next page's K loads during this page's P V), the other computes a [16, S] score tile Q K^T on tensor cores
-(the G query rows of the group padded to 16), masks tokens past the length, does the online
-softmax in float32 (exp2, log2(e) folded into the scale) and accumulates P V into [16, D].
+[S, D] (one stage: the next page's K loads during this page's P V), the other computes a
+[16, S] score tile Q K^T on tensor cores (the G query rows of the group padded to 16), masks
+tokens past the length, does the online softmax in float32 (exp2, log2(e) folded into the
+scale) and accumulates P V into [16, D].
 Unwritten slots of the partial last page may hold NaN, so that page's V rows past the length
 are zeroed in shared memory (0 * NaN would be NaN). Each program writes its normalised partial
 output and log-sum-exp to float32 buffers; a combine kernel, launched early through
@@ -57,7 +58,7 @@ ROWS = 16  # query rows per program: G (<= 8) padded to the tensor-core tile hei
 LOG2E = 1.4426950408889634
 
 
-def build(dtype, Hq, Hk, D, S, dense, stages=1, pdl="end"):
+def build(dtype, Hq, Hk, D, S, dense, stages, pdl):
     """The TileLang program (split kernel + combine kernel) for one configuration."""
     threads = 64 if S == 16 else 128  # each warp needs >= 8 score columns of the [16, S] tile
     G = Hq // Hk
