@@ -229,28 +229,18 @@ class Selector:
     def sparsity(self):
         return 1.0 - (self.read / self.total.clamp(min=1)).item()
 
-    def on_write(self, layer, step, k, kr):
-        """New keys k (pre-RoPE), kr (post-RoPE) [N, Hk, D] were written at step.slots."""
+    def prefill(self, layer, step, k, kr):
+        """One prompt's keys k (pre-RoPE), kr (post-RoPE) [N, Hk, D], positions 0..N-1, were
+        written at step.slots: pool them by whole blocks (and give the complete blocks gate keys)."""
         pooled, S = step.cache.pooled, step.cache.page_size
         if pooled is None:
             return
-        page = step.slots // S
-        if step.block_table is not None:      # decode: one token per sequence, updated in place
-            if self.attn == "seer":
-                gate = self.model.layers[layer].self_attn.attn_gate
-                (seer_pool if use_triton(k, gate) else seer_pool_step)(
-                    k, step.positions, page, step.cache.scratch, *(pooled[n][layer] for n in ("kmax", "kmin", "ksum", "gate_k")),
-                    gate.attngate_linear_k.weight, gate.knorm_weight, S, gate.rope_theta)
-            else:
-                running_pool(kr, step.positions % S == 0, page, pooled["qmax"][layer], pooled["qmin"][layer])
-            return
-        # prefill: one sequence, positions 0..N-1, pool whole blocks
         names, x = (("kmax", "kmin", "ksum"), k) if self.attn == "seer" else (("qmax", "qmin"), kr)
         N = x.shape[0]
         nb = -(-N // S)
         pad = torch.full((nb * S - N, *x.shape[1:]), float("nan"), dtype=x.dtype, device=x.device)
         blocks = torch.cat([x, pad]).view(nb, S, *x.shape[1:])                 # [nb, S, Hk, D]
-        pages = page[::S]                                                      # page of each block
+        pages = (step.slots // S)[::S]                                         # page of each block
         new = (blocks.nan_to_num(float("-inf")).amax(1), blocks.nan_to_num(float("inf")).amin(1),
                blocks.float().nan_to_num(0.0).sum(1))
         new = [t.to(pooled[n].dtype) for n, t in zip(names, new)]              # [nb, Hk, D] each
@@ -260,29 +250,36 @@ class Selector:
             gk = self.model.layers[layer].self_attn.attn_gate.block_keys(k)            # [N // S, Hk, Dg]
             pooled["gate_k"][layer, pages[:N // S]] = gk.to(pooled["gate_k"].dtype)
 
-    def __call__(self, layer, step, q, qr):
-        """q, qr [B, Hq, D] (pre-/post-RoPE) -> blocks [B, Hk, K] logical ids, -1 padded, or None (dense)."""
+    def __call__(self, layer, step, q, qr, k, kr):
+        """One decode step: q, qr [B, Hq, D] and k, kr [B, Hk, D] (pre-/post-RoPE; k, kr already in
+        the pages at step.slots) -> blocks [B, Hk, K] logical ids, -1 padded, or None (dense).
+        The new keys are folded into their pages' pooled keys on the way."""
         cache, S = step.cache, step.cache.page_size
         B, NB = step.block_table.shape
         Hk = cache.k.shape[3]
+        page = step.slots // S
         if self.attn == "dense":
             count_tokens(step.lengths, None, S, Hk, self.read, self.total)
             return None
         gate = None
-        k = 0 if self.threshold is not None else min(self.budget // S, NB)
+        k_top = 0 if self.threshold is not None else min(self.budget // S, NB)
         if self.attn == "seer":
             gate = self.model.layers[layer].self_attn.attn_gate
-            if use_triton(q, gate):                                    # one kernel after the gate query
-                gq = seer_query(q, step.positions, gate.attngate_linear_q.weight, gate.qnorm_weight, gate.rope_theta)
-                return seer_pick(gq, cache.pooled["gate_k"][layer], step.block_table, step.lengths, S, k,
-                                 self.threshold or 0.0, self.read, self.total)
+            stats = [cache.pooled[n][layer] for n in ("kmax", "kmin", "ksum", "gate_k")]
+            if use_triton(q, gate):   # three kernels: pooled keys + gate query, scores, picks
+                gq = seer_step(q, k, step.positions, page, *stats, gate)
+                return seer_pick(gq, stats[3], step.block_table, step.lengths, S, k_top, self.threshold or 0.0,
+                                 self.read, self.total)
+            seer_pool_step(k, step.positions, page, cache.scratch, *stats, gate.attngate_linear_k.weight,
+                           gate.knorm_weight, S, gate.rope_theta)
             score = seer_scores(q, step.positions, gate.attngate_linear_q.weight, gate.qnorm_weight,
-                                cache.pooled["gate_k"][layer], step.block_table, gate.rope_theta)  # [B, Hk, NB]
+                                stats[3], step.block_table, gate.rope_theta)     # [B, Hk, NB]
         elif self.attn == "quest":
+            qmax, qmin = cache.pooled["qmax"][layer], cache.pooled["qmin"][layer]
+            running_pool(kr, step.positions % S == 0, page, qmax, qmin)
             G = q.shape[1] // Hk
             qg = qr.view(B, Hk, G, -1).float()
-            kmax = cache.pooled["qmax"][layer][step.block_table.long()].float()  # [B, NB, Hk, D]
-            kmin = cache.pooled["qmin"][layer][step.block_table.long()].float()
+            kmax, kmin = qmax[step.block_table.long()].float(), qmin[step.block_table.long()].float()  # [B, NB, Hk, D]
             bound = torch.maximum(torch.einsum("bhgd,bjhd->bhgjd", qg, kmax),
                                   torch.einsum("bhgd,bjhd->bhgjd", qg, kmin)).sum(-1)
             score = bound.amax(2)                                      # [B, Hk, NB] max over the group
@@ -292,7 +289,7 @@ class Selector:
             score = torch.arange(NB, device=q.device).float().expand(B, Hk, NB)
         if self.threshold is not None:
             score = score / math.sqrt(gate.dg)
-        return pick_blocks(score, step.lengths, S, k, self.threshold or 0.0, self.read, self.total)
+        return pick_blocks(score, step.lengths, S, k_top, self.threshold or 0.0, self.read, self.total)
 
 
 # Decode-time helpers, each compiled into one graph on CUDA (a decode step at small batch is
@@ -340,9 +337,6 @@ def seer_scores(q, positions, wq, norm, gate_k, table, theta: float):
     gq = gate_query(q, positions, wq, norm, theta)                     # [B, Hk, Dg]
     gk = gate_k[table.long()]                                          # [B, NB, Hk, Dg]
     return (gq[:, None].float() * gk.float()).sum(-1).transpose(1, 2)
-
-
-seer_query = fused(gate_query)   # decode's gate query, compiled (training calls gate_query as is)
 
 
 @fused
@@ -469,23 +463,52 @@ def seer_pick(gq, gate_k, table, lengths, S, k, threshold, read, total):
     return out
 
 
-# ---- seer's pooled-key update in one kernel (CUDA) ----
-# seer_pool_step compiled is still ~7 kernels per layer (gathers of the running stats, their
-# writes, the gate-key GEMM, norm and RoPE, the scatter to the scratch page). Here one program
-# per (KV head, sequence) folds the new key into its page's max / min / sum and, only when the
-# key fills the page, makes the gate key as AttnGate.key does (rounding where PyTorch rounds).
+# ---- seer's per-step gate work in one kernel (CUDA) ----
+# Compiled, seer_pool_step is still ~7 kernels per layer (gathers of the running stats, their
+# writes, the gate-key GEMM, norm and RoPE, the scatter to the scratch page) and the gate
+# query ~7 more (the einsum's permutes and batched GEMM, norm, RoPE). Here one program per
+# (KV head, sequence) makes the gate query from the group's query heads, folds the new key
+# into its page's max / min / sum and, only when the key fills the page, makes the gate key
+# as AttnGate.key does (rounding where PyTorch rounds).
 
 if triton is not None:
     @triton.jit
-    def _seer_pool_kernel(x, sx_b, sx_h, positions, page, kmax, kmin, ksum, gate_k, wk, norm, inv_freq, eps,
-                          Hk: tl.constexpr, D: tl.constexpr, DG: tl.constexpr, S: tl.constexpr,
-                          HAS_NORM: tl.constexpr):
+    def _norm_rope(lo, hi, pos, norm, inv_freq, eps, e, WT: tl.constexpr, DG: tl.constexpr, HAS_NORM: tl.constexpr):
+        """A gate vector's two halves lo, hi [DG / 2] (float32 of WT values) -> RMS-normed, RoPE at pos."""
+        if HAS_NORM:
+            r = tl.rsqrt((tl.sum(lo * lo, 0) + tl.sum(hi * hi, 0)) / DG + eps)
+            lo = ((lo * r).to(WT).to(tl.float32) * tl.load(norm + e).to(tl.float32)).to(WT).to(tl.float32)
+            hi = ((hi * r).to(WT).to(tl.float32) * tl.load(norm + DG // 2 + e).to(tl.float32)).to(WT).to(tl.float32)
+        angle = pos.to(tl.float32) * tl.load(inv_freq + e)
+        cos = tl.cos(angle).to(WT).to(tl.float32)
+        sin = tl.sin(angle).to(WT).to(tl.float32)
+        return lo * cos - hi * sin, hi * cos + lo * sin
+
+    @triton.jit
+    def _seer_step_kernel(q, sq_b, x, sx_b, sx_h, positions, page, kmax, kmin, ksum, gate_k, gq, wq, qnorm, wk, knorm,
+                          inv_freq, eps, Hk: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DG: tl.constexpr,
+                          S: tl.constexpr, HAS_NORM: tl.constexpr):
         h, b = tl.program_id(0), tl.program_id(1)
+        WT = wk.dtype.element_ty
         pos = tl.load(positions + b)
         pg = tl.load(page + b).to(tl.int64)
         off = pos % S
         d = tl.arange(0, D)
-        # max / min in float32: exact for bf16 / fp16 (Triton's CPU interpreter compares bf16 as raw bits)
+        e = tl.arange(0, DG // 2)
+        # the gate query: sum over the group's heads g and channels of q[b, h*G + g] @ Wq[h, g], norm, RoPE at pos
+        lo = tl.zeros([DG // 2], tl.float32)
+        hi = tl.zeros([DG // 2], tl.float32)
+        for g in tl.static_range(G):
+            qv = tl.load(q + b * sq_b + (h * G + g) * D + d).to(WT).to(tl.float32)
+            w = wq + ((h * G + g) * D + d[:, None]) * DG
+            lo += tl.sum(qv[:, None] * tl.load(w + e[None, :]).to(tl.float32), 0)
+            hi += tl.sum(qv[:, None] * tl.load(w + DG // 2 + e[None, :]).to(tl.float32), 0)
+        lo, hi = _norm_rope(lo.to(WT).to(tl.float32), hi.to(WT).to(tl.float32), pos, qnorm, inv_freq, eps, e, WT, DG,
+                            HAS_NORM)
+        tl.store(gq + (b * Hk + h) * DG + e, lo)
+        tl.store(gq + (b * Hk + h) * DG + DG // 2 + e, hi)
+        # the new key into its page's running max / min (in float32: exact for bf16 / fp16, and Triton's
+        # CPU interpreter compares bf16 as raw bits) and sum
         xv = tl.load(x + b * sx_b + h * sx_h + d).to(tl.float32)
         at = (pg * Hk + h) * D + d
         first = off == 0
@@ -495,9 +518,7 @@ if triton is not None:
         tl.store(kmax + at, new_max.to(kmax.dtype.element_ty))
         tl.store(kmin + at, new_min.to(kmin.dtype.element_ty))
         tl.store(ksum + at, new_sum)
-        if off == S - 1:   # the page is full: its gate key [max | min | avg] @ Wk[h], norm, RoPE
-            WT = wk.dtype.element_ty
-            e = tl.arange(0, DG // 2)
+        if off == S - 1:   # the page is full: its gate key [max | min | avg] @ Wk[h], norm, RoPE at the block start
             avg = (new_sum / S).to(WT).to(tl.float32)
             lo = tl.zeros([DG // 2], tl.float32)
             hi = tl.zeros([DG // 2], tl.float32)
@@ -506,30 +527,32 @@ if triton is not None:
                 w = wk + (h * 3 * D + c * D + d[:, None]) * DG
                 lo += tl.sum(part[:, None] * tl.load(w + e[None, :]).to(tl.float32), 0)
                 hi += tl.sum(part[:, None] * tl.load(w + DG // 2 + e[None, :]).to(tl.float32), 0)
-            lo, hi = lo.to(WT).to(tl.float32), hi.to(WT).to(tl.float32)
-            if HAS_NORM:
-                r = tl.rsqrt((tl.sum(lo * lo, 0) + tl.sum(hi * hi, 0)) / DG + eps)
-                lo = ((lo * r).to(WT).to(tl.float32) * tl.load(norm + e).to(tl.float32)).to(WT).to(tl.float32)
-                hi = ((hi * r).to(WT).to(tl.float32) * tl.load(norm + DG // 2 + e).to(tl.float32)).to(WT).to(tl.float32)
-            angle = (pos - off).to(tl.float32) * tl.load(inv_freq + e)    # RoPE at the block's first token
-            cos = tl.cos(angle).to(WT).to(tl.float32)
-            sin = tl.sin(angle).to(WT).to(tl.float32)
+            lo, hi = _norm_rope(lo.to(WT).to(tl.float32), hi.to(WT).to(tl.float32), pos - off, knorm, inv_freq, eps,
+                                e, WT, DG, HAS_NORM)
             out = gate_k + (pg * Hk + h) * DG
-            tl.store(out + e, lo * cos - hi * sin)
-            tl.store(out + DG // 2 + e, hi * cos + lo * sin)
+            tl.store(out + e, lo)
+            tl.store(out + DG // 2 + e, hi)
 
 
 _INV_FREQ = {}   # (Dg, theta, device) -> RoPE inverse frequencies, computed as cos_sin does
 
 
-def seer_pool(x, positions, page, scratch, kmax, kmin, ksum, gate_k, wk, norm, S, theta):
-    """The kernel's take on seer_pool_step, same arguments (scratch unused: the kernel branches)."""
+def seer_step(q, x, positions, page, kmax, kmin, ksum, gate_k, gate):
+    """The kernel's take on gate_query + seer_pool_step: q [B, Hq, D] and the new keys x [B, Hk, D]
+    (pre-RoPE) -> gate queries [B, Hk, Dg]; kmax / kmin / ksum / gate_k (one layer's, by page)
+    updated in place."""
     B, Hk, D = x.shape
     Dg = gate_k.shape[-1]
-    key = (Dg, theta, x.device)
+    key = (Dg, gate.rope_theta, x.device)
     if key not in _INV_FREQ:
-        _INV_FREQ[key] = 1.0 / theta ** (torch.arange(0, Dg, 2, device=x.device, dtype=torch.float32) / Dg)
+        _INV_FREQ[key] = 1.0 / gate.rope_theta ** (torch.arange(0, Dg, 2, device=x.device, dtype=torch.float32) / Dg)
     x = x if x.stride(2) == 1 else x.contiguous()      # rows and heads may be strided, channels not
-    _seer_pool_kernel[(Hk, B)](x, x.stride(0), x.stride(1), positions.contiguous(), page.contiguous(), kmax, kmin,
-                               ksum, gate_k, wk, wk if norm is None else norm, _INV_FREQ[key], GATE_EPS,
-                               Hk=Hk, D=D, DG=Dg, S=S, HAS_NORM=norm is not None)
+    q = q if q.stride(2) == 1 and q.stride(1) == D else q.contiguous()
+    wq, wk = gate.attngate_linear_q.weight, gate.attngate_linear_k.weight
+    gq = torch.empty(B, Hk, Dg, dtype=wq.dtype, device=x.device)
+    norm = gate.qnorm_weight is not None
+    _seer_step_kernel[(Hk, B)](q, q.stride(0), x, x.stride(0), x.stride(1), positions.contiguous(), page.contiguous(),
+                               kmax, kmin, ksum, gate_k, gq, wq, gate.qnorm_weight if norm else wq, wk,
+                               gate.knorm_weight if norm else wk, _INV_FREQ[key], GATE_EPS, Hk=Hk, G=q.shape[1] // Hk,
+                               D=D, DG=Dg, S=gate.block_size, HAS_NORM=norm)
+    return gq

@@ -2,7 +2,8 @@
 
 Follows Hugging Face's Qwen3 (SPEC §1): RMSNorm in float32, q_norm/k_norm per head
 before RoPE (rotate-half), GQA, SwiGLU MLP, tied or untied lm_head. Module names are
-Hugging Face's minus the leading "model.", so checkpoints map one to one.
+Hugging Face's minus the leading "model.", except that q/k/v_proj and gate/up_proj are each
+one stacked weight (qkv_proj, gate_up_proj); from_pretrained / save_pretrained convert.
 
 Shapes: B batch, T tokens, Hq/Hk query/KV heads, D head_dim, G = Hq // Hk,
 P pages in the pool, S page size (= gate block size), NB blocks of a sequence.
@@ -154,9 +155,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.hq, self.hk, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.hq * self.d, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.hk * self.d, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.hk * self.d, bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.hq + 2 * self.hk) * self.d, bias=False)  # q, k, v stacked
         self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
@@ -164,35 +163,42 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, step=None):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.hq, self.d))  # pre-RoPE: what the gate reads
-        k = self.k_norm(self.k_proj(x).view(B, T, self.hk, self.d))
-        v = self.v_proj(x).view(B, T, self.hk, self.d)
-        qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)    # [B, T, H, D]
+        cos, sin = (t.expand(B, T, self.d).reshape(B * T, self.d) for t in (cos, sin))
+        q, k, qr, kr, v = qk_norm_rope(self.qkv_proj(x).view(B * T, -1), self.q_norm.weight, self.k_norm.weight,
+                                       cos, sin, self.hq, self.hk, self.q_norm.eps)   # [B*T, H, D] each
         if self.capture is not None:
-            self.capture(self.layer_idx, q, k, qr, kr)
+            self.capture(self.layer_idx, *(t.view(B, T, -1, self.d) for t in (q, k, qr, kr)))
         if step is not None:                                          # write K (post-RoPE) and V
-            step.cache.write(self.layer_idx, step.slots, kr.flatten(0, 1), v.flatten(0, 1))
-            if step.select is not None:
-                step.select.on_write(self.layer_idx, step, k.flatten(0, 1), kr.flatten(0, 1))
+            step.cache.write(self.layer_idx, step.slots, kr, v)
         if step is None or step.block_table is None:                  # dense causal over these T tokens
-            o = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=True).transpose(1, 2)
+            if step is not None and step.select is not None:          # prefill: pool the prompt's keys
+                step.select.prefill(self.layer_idx, step, k, kr)
+            qr, kr, v = (t.view(B, T, -1, self.d).transpose(1, 2) for t in (qr, kr, v))   # [B, H, T, D]
+            o = F.scaled_dot_product_attention(qr, kr, v, is_causal=True, enable_gqa=True).transpose(1, 2)
         else:                                                         # decode: T == 1, through the pages
-            blocks = step.select(self.layer_idx, step, q[:, 0], qr[:, 0]) if step.select is not None else None
-            o = decode_attention(qr[:, 0], step.cache.k[self.layer_idx], step.cache.v[self.layer_idx],
-                                 step.block_table, step.lengths, blocks)[:, None]
+            blocks = step.select(self.layer_idx, step, q, qr, k, kr) if step.select is not None else None
+            o = decode_attention(qr, step.cache.k[self.layer_idx], step.cache.v[self.layer_idx],
+                                 step.block_table, step.lengths, blocks)
         return self.o_proj(o.reshape(B, T, self.hq * self.d))
+
+
+@fused
+def qk_norm_rope(qkv, q_norm, k_norm, cos, sin, hq: int, hk: int, eps: float):
+    """One layer's projections qkv [N, (Hq + 2 Hk) D] -> q, k (QK-normed, pre-RoPE: what the gate
+    reads), qr, kr (post-RoPE), v, each [N, H, D]; cos, sin [N, D]."""
+    q, k, v = qkv.view(qkv.shape[0], hq + 2 * hk, -1).split([hq, hk, hk], 1)
+    q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    return q, k, rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # gate, up stacked
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(silu_mul(*self.gate_up_proj(x).chunk(2, -1)))
 
 
 @fused
@@ -298,7 +304,7 @@ class Qwen3(nn.Module):
             raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
         with torch.device("meta"):
             model = cls(cfg)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
+        expected = {k: v.shape for k, v in hf_names(model.state_dict(), cfg).items()}
         state = {}
         for fname in files:
             with safe_open(os.path.join(path, fname), framework="pt", device=str(device)) as f:
@@ -317,7 +323,7 @@ class Qwen3(nn.Module):
                 raise ValueError(f"{path}: weight {key} has shape {tuple(t.shape)}, "
                                  f"config says {tuple(expected[key])}")
         dtype = dtype or next(iter(state.values())).dtype
-        model.load_state_dict({k: t.to(dtype) for k, t in state.items()}, assign=True)
+        model.load_state_dict(merge_projections({k: t.to(dtype) for k, t in state.items()}), assign=True)
         return model.eval()
 
     def save_pretrained(self, path):
@@ -325,13 +331,42 @@ class Qwen3(nn.Module):
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         state = {"model." + k if not k.startswith("lm_head") else k: t.detach().contiguous().cpu()
-                 for k, t in self.state_dict().items()}
+                 for k, t in hf_names(self.state_dict(), self.config).items()}
         tmp = os.path.join(path, "model.safetensors.tmp")
         save_file(state, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(path, "model.safetensors"))
         with open(os.path.join(path, "config.json.tmp"), "w") as f:
             json.dump(self.config.to_hf_dict(), f, indent=2)
         os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+
+
+# Hugging Face keeps q/k/v_proj and gate/up_proj apart; each set is one stacked weight here, so
+# a decode step reads it in one GEMM (nano-vllm does the same). Checkpoints map through these.
+MERGED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def hf_names(state, cfg):
+    """Our state dict -> Hugging Face's names (without "model."): stacked weights split (as views)."""
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    rows = {"qkv_proj": [cfg.num_attention_heads * cfg.head_dim, kv, kv], "gate_up_proj": [cfg.intermediate_size] * 2}
+    out = {}
+    for key, t in state.items():
+        prefix, name, leaf = key.rsplit(".", 2) if key.count(".") >= 2 else ("", "", key)
+        if name in MERGED:
+            out.update({f"{prefix}.{part}.{leaf}": w for part, w in zip(MERGED[name], t.split(rows[name]))})
+        else:
+            out[key] = t
+    return out
+
+
+def merge_projections(state):
+    """Hugging Face's names (without "model.") -> ours: each layer's MERGED parts stacked."""
+    out = dict(state)
+    for name, parts in MERGED.items():
+        for key in [k for k in state if k.endswith(f".{parts[0]}.weight")]:
+            prefix = key[: -len(f"{parts[0]}.weight")]
+            out[f"{prefix}{name}.weight"] = torch.cat([out.pop(f"{prefix}{part}.weight") for part in parts])
+    return out
 
 
 class CacheFull(RuntimeError):

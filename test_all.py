@@ -410,18 +410,29 @@ def test_seer_pick_kernel_matches_float64_topk_and_threshold(dg, S, NB):
         assert read.item() == want_read and total.item() == want_total
 
 
+def norm_rope64(g, norm, pos, theta):
+    """float64 gate vectors g [..., dg]: RMS norm with weight norm (unless None), then RoPE at pos."""
+    dg = g.shape[-1]
+    if norm is not None:
+        g = g / (g.pow(2).mean(-1, keepdim=True) + GT.GATE_EPS).sqrt() * norm.double()
+    ang = (pos * 1.0 / theta ** (torch.arange(0, dg, 2, dtype=torch.float64) / dg)).repeat(2).to(g.device)
+    return g * ang.cos() + torch.cat([-g[..., dg // 2:], g[..., :dg // 2]], -1) * ang.sin()
+
+
 @pytest.mark.skipif(GT.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
-@pytest.mark.parametrize("D,dg,S,norm", [(64, 32, 8, True), (128, 128, 64, False)])
-def test_seer_pool_kernel_matches_float64_pooling_and_gate_keys(D, dg, S, norm):
-    """gate.seer_pool, fed keys one decode step at a time (three sequences, shuffled pages), leaves
-    every page's running max / min / sum of its keys, and every full page's gate key, as a float64
-    computation written here gives them: [max | min | mean] @ Wk, RMS norm, RoPE at the block start."""
+@pytest.mark.parametrize("D,dg,S,G,norm", [(64, 32, 8, 2, True), (128, 128, 64, 4, False), (64, 64, 16, 3, True)])
+def test_seer_step_kernel_matches_float64_gate_queries_pooling_and_gate_keys(D, dg, S, G, norm):
+    """gate.seer_step, fed one decode step at a time (three sequences, shuffled pages), returns each
+    step's gate queries, and leaves every page's running max / min / sum of its keys and every
+    full page's gate key, as a float64 computation written here gives them: the group's query
+    heads @ Wq and [max | min | mean] @ Wk, RMS norm, RoPE at the token / the block start."""
     torch.manual_seed(D + S)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     B, Hk, theta, T = 3, 2, 1e4, 2 * S + 3
-    gate = GT.AttnGate(Hk, 2, D, dg, S, norm, theta).to(dev, torch.bfloat16)
+    gate = GT.AttnGate(Hk, G, D, dg, S, norm, theta).to(dev, torch.bfloat16)
     if norm:
         gate.attngate_knorm.weight.data.uniform_(0.5, 1.5)
+        gate.attngate_qnorm.weight.data.uniform_(0.5, 1.5)
     P = B * 3 + 1
     stale = lambda dt: torch.randn(P, Hk, D, device=dev).to(dt)         # pages come back with old stats
     kmax, kmin, ksum = stale(torch.bfloat16), stale(torch.bfloat16), stale(torch.float32)
@@ -429,12 +440,15 @@ def test_seer_pool_kernel_matches_float64_pooling_and_gate_keys(D, dg, S, norm):
     gate_k = torch.full((P, Hk, dg), 7.0, device=dev, dtype=torch.bfloat16)
     pages = torch.randperm(P - 1, device=dev)[:B * 3].view(B, 3)       # page P - 1 is never used
     keys = torch.randn(T, B, Hk, 2 * D, device=dev).bfloat16()[..., :D]   # heads strided, as a split of qkv can be
+    queries = torch.randn(T, B, Hk * G, D, device=dev).bfloat16()
+    wq = gate.attngate_linear_q.weight.double()                        # [Hk, G, D, dg]
     for t in range(T):
         pos = torch.full((B,), t, device=dev)
-        GT.seer_pool(keys[t], pos, pages[:, t // S], P - 1, kmax, kmin, ksum, gate_k,
-                     gate.attngate_linear_k.weight, gate.knorm_weight, S, theta)
+        gq = GT.seer_step(queries[t], keys[t], pos, pages[:, t // S], kmax, kmin, ksum, gate_k, gate)
+        want = norm_rope64(torch.einsum("bhgd,hgde->bhe", queries[t].double().view(B, Hk, G, D), wq),
+                           gate.qnorm_weight, t, theta)
+        assert ((gq.double() - want).abs().max() / want.abs().max()).item() < 2e-2, t
     wk = gate.attngate_linear_k.weight.double()                        # [Hk, 3D, dg]
-    inv_freq = 1.0 / theta ** (torch.arange(0, dg, 2, dtype=torch.float64) / dg)
     for b in range(B):
         for j in range(3):
             x = keys[j * S:(j + 1) * S, b].double()                        # [n, Hk, D] the block's keys
@@ -445,10 +459,7 @@ def test_seer_pool_kernel_matches_float64_pooling_and_gate_keys(D, dg, S, norm):
                 assert (gate_k[pg] == 7).all()
                 continue
             g = torch.einsum("hc,hce->he", torch.cat([x.amax(0), x.amin(0), x.mean(0)], -1), wk)
-            if norm:
-                g = g / (g.pow(2).mean(-1, keepdim=True) + GT.GATE_EPS).sqrt() * gate.knorm_weight.double()
-            ang = (j * S * inv_freq).repeat(2).to(dev)
-            g = g * ang.cos() + torch.cat([-g[:, dg // 2:], g[:, :dg // 2]], -1) * ang.sin()
+            g = norm_rope64(g, gate.knorm_weight, j * S, theta)
             err = (gate_k[pg].double() - g).abs().max() / g.abs().max()
             assert err < 2e-2, (b, j, err.item())
     assert (gate_k[P - 1] == 7).all() and torch.equal(kmax[P - 1], unused)
@@ -468,9 +479,9 @@ for top_k, nb in ((True, 512), (False, 2048)):   # Qwen3-8B shapes: Hk 8, block 
     build(GT._seer_pick_kernel, dict(scores="*fp32", lengths="*i32", out="*i32", read="*fp64", total="*fp64",
                                      NB=i32, threshold=f32, K=i32, W=i32),
           dict(Hk=8, S=64, TOP_K=top_k, NB_P2=nb, W_P2=128 if top_k else 4096))
-build(GT._seer_pool_kernel, dict(x=ptr, sx_b=i32, sx_h=i32, positions="*i64", page="*i64", kmax=ptr, kmin=ptr,
-                                 ksum="*fp32", gate_k=ptr, wk=ptr, norm=ptr, inv_freq="*fp32", eps=f32),
-      dict(Hk=8, D=128, DG=128, S=64, HAS_NORM=True))
+build(GT._seer_step_kernel, dict(q=ptr, sq_b=i32, x=ptr, sx_b=i32, sx_h=i32, positions="*i64", page="*i64",
+                                 kmax=ptr, kmin=ptr, ksum="*fp32", gate_k=ptr, gq=ptr, wq=ptr, qnorm=ptr, wk=ptr,
+                                 knorm=ptr, inv_freq="*fp32", eps=f32), dict(Hk=8, G=4, D=128, DG=128, S=64, HAS_NORM=True))
 print("built")
 """
 
@@ -491,13 +502,13 @@ class Spy:
     def __init__(self, sel, captured):
         self.sel, self.captured = sel, captured
 
-    def __call__(self, layer, step, q, qr):
-        blocks = self.sel(layer, step, q, qr)
+    def __call__(self, layer, step, q, qr, k, kr):
+        blocks = self.sel(layer, step, q, qr, k, kr)
         self.captured[layer] = (qr.clone(), blocks.clone(), step.block_table.clone(), step.lengths.clone())
         return blocks
 
-    def on_write(self, *a):
-        return self.sel.on_write(*a)
+    def prefill(self, *a):
+        return self.sel.prefill(*a)
 
 
 def test_gate_folder_round_trip_and_published_layout(tmp_path):
