@@ -82,8 +82,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):  # flattened to 2-D: one compiled variant for every caller
-        return rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+    def forward(self, x, residual=None):
+        """x [..., dim] -> normed; with residual: (norm(x + residual), x + residual), the add fused
+        in. Flattened to 2-D: one compiled variant for every caller."""
+        flat = x.reshape(-1, x.shape[-1])
+        if residual is None:
+            return rms_norm(flat, self.weight, self.eps).view(x.shape)
+        h, s = add_rms_norm(flat, residual.reshape(flat.shape), self.weight, self.eps)
+        return h.view(x.shape), s.view(x.shape)
+
+
+@fused
+def add_rms_norm(x, residual, weight, eps):
+    x = x + residual
+    return rms_norm(x, weight, eps), x
 
 
 def rope_cos_sin(positions, dim, theta, dtype):
@@ -214,9 +226,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, step=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, step=None):
+        """x: the last block's MLP output (the embeddings at the first block, where residual is
+        None), residual: the stream it adds to -> (this block's MLP output, the stream)."""
+        h, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, step), residual)
+        return self.mlp(h), residual
 
 
 @dataclass
@@ -244,11 +259,11 @@ class Qwen3(nn.Module):
         return x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)
 
     def hidden(self, input_ids, positions, step=None):
-        x = self.embed_tokens(input_ids)                              # [B, T, hidden]
+        x, residual = self.embed_tokens(input_ids), None              # [B, T, hidden]
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, step)
-        return x
+            x, residual = layer(x, residual, cos, sin, step)
+        return x + residual
 
     def forward(self, input_ids):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]

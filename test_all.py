@@ -84,15 +84,18 @@ def test_prefill_logits_match_transformers(tmp_path, tied, hq, hk, d, shard):
         assert (last - ref[0, -1]).abs().max() <= 1e-4
 
 
-def test_paged_greedy_matches_transformers_ragged_batch(tmp_path):
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_paged_greedy_matches_transformers_ragged_batch(tmp_path, dev, monkeypatch):
+    """On CUDA: our compiled norms / RoPE and a CUDA-graph decode (float32, the PyTorch attention)."""
+    monkeypatch.setattr(M, "decode_attention", M.decode_attention_ref)
     hf = make_hf_model(tmp_path, hq=4, hk=2, d=64)
-    ours = M.Qwen3.from_pretrained(str(tmp_path))
+    ours = M.Qwen3.from_pretrained(str(tmp_path), device=dev)
     torch.manual_seed(1)
     prompts = [torch.randint(0, 127, (n,)).tolist() for n in (5, 23, 40)]
     n_new = 45
     hf.generation_config.eos_token_id = None                    # run the full 45 tokens
-    cache = M.PagedKVCache(ours.config, num_pages=64, page_size=16)
-    got = gen.generate(ours, cache, prompts, n_new)             # no eos: 45 tokens each, crossing pages
+    cache = M.PagedKVCache(ours.config, num_pages=64, page_size=16, device=dev)
+    got = gen.generate(ours, cache, prompts, n_new, graphs=dev == "cuda")   # no eos: 45 tokens each, crossing pages
     for p, g in zip(prompts, got):
         ref = hf.generate(torch.tensor([p]), max_new_tokens=n_new, do_sample=False)[0, len(p):].tolist()
         assert g == ref
