@@ -279,7 +279,6 @@ def bench_hf(shape, B, ctx, steps):
 def bench_e2e(args):
     import generate as gen
     import gate as GT
-    gen.use_kernel(args.kernel, "cuda")
     dev = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth()
     print(f"# {dev}, torch {torch.__version__}; device-to-device copy {copy_gbs:.0f} GB/s; bf16, block 64, "
@@ -292,6 +291,7 @@ def bench_e2e(args):
     for shape in args.shape:
         net = random_model(shape)
         GT.attach_gates(net, block_size=64)
+        gen.use_kernel(args.kernel, "cuda", net, [64])
         cfg = net.config
         for B in args.batch:
             for ctx in args.context:

@@ -132,21 +132,31 @@ class GraphRunner:
         return self.logits[bs][:B]
 
 
-def use_kernel(kind, device):
-    """Point model.decode_attention at the TileLang kernel or the PyTorch reference."""
+def use_kernel(kind, device, net, page_sizes):
+    """Point model.decode_attention at the TileLang kernel or the PyTorch reference. "auto" takes
+    the kernel on cuda when it serves the model's dtype, head_dim and group and every page size."""
     if kind == "tilelang" and not device.startswith("cuda"):
         raise ValueError("--kernel tilelang runs on cuda only; use --device cuda or --kernel torch")
-    want = kind == "tilelang" or (kind == "auto" and device.startswith("cuda"))
-    if want:
-        try:
-            import kernel_decode
-            # unchecked: our allocator and selectors make the ids, and a check would sync
-            M.decode_attention = functools.partial(kernel_decode.decode_attention, check=False)
-            return
-        except ImportError as e:
-            if kind == "tilelang":
-                raise ValueError(f"--kernel tilelang needs tilelang and CUDA: {e}")
     M.decode_attention = M.decode_attention_ref
+    if kind == "torch" or not device.startswith("cuda"):
+        return
+    try:
+        import kernel_decode
+    except ImportError as e:
+        if kind == "tilelang":
+            raise ValueError(f"--kernel tilelang needs tilelang and CUDA: {e}")
+        return
+    c = net.config
+    why = next(filter(None, (kernel_decode.unsupported(next(net.parameters()).dtype, c.head_dim, S,
+                                                       c.num_attention_heads // c.num_key_value_heads)
+                             for S in page_sizes)), None)
+    if why is None:   # unchecked: our allocator and selectors make the ids, and a check would sync
+        M.decode_attention = functools.partial(kernel_decode.decode_attention, check=False)
+    elif kind == "tilelang":
+        raise ValueError(f"--kernel tilelang: {why}")
+    else:
+        print(f"[the TileLang kernel does not serve this model ({why}); decoding with the PyTorch attention]",
+              file=sys.stderr)
 
 
 def pages_in_memory(cfg, fraction, page_size, dtype):
@@ -341,7 +351,8 @@ def main(argv=None):
     try:
         dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
         net = M.Qwen3.from_pretrained(args.model, device=args.device, dtype=dtype)
-        use_kernel(args.kernel, args.device)
+        use_kernel(args.kernel, args.device, net,
+                   [int(b) for b in args.eval_blocks.split(",")] if args.eval else [args.block_size])
         tok, eos = load_tokenizer(args.model), eos_ids(args.model)
         graphs = args.device.startswith("cuda") and not args.no_graph
         if args.eval:

@@ -240,6 +240,19 @@ def num_splits(batch, Hk, items, num_sm):
     return max(ns, math.ceil(items / CHUNK))
 
 
+def unsupported(dtype, head_dim, page_size, group):
+    """Why the kernel cannot serve this dtype / head_dim / page size / query heads per KV head, or None."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"q must be bf16 or fp16, got {dtype}."
+    if head_dim not in (64, 128):
+        return f"head_dim must be 64 or 128, got {head_dim}."
+    if page_size not in (16, 32, 64, 128):
+        return f"page size must be 16, 32, 64 or 128, got {page_size}."
+    if group > ROWS:
+        return f"at most {ROWS} query heads per KV head, got {group}."
+    return None
+
+
 def _check_inputs(q, k_pages, v_pages, block_table, lengths, blocks):
     def need(ok, msg):
         if not ok:
@@ -251,15 +264,15 @@ def _check_inputs(q, k_pages, v_pages, block_table, lengths, blocks):
         need(isinstance(t, torch.Tensor) and t.is_cuda and t.device == q.device,
              f"{name} must be a CUDA tensor on q's device.")
         need(t.is_contiguous(), f"{name} must be contiguous.")
-    need(q.dtype in (torch.bfloat16, torch.float16), f"q must be bf16 or fp16, got {q.dtype}.")
     need(q.dim() == 3 and k_pages.dim() == 4, "q must be [B, Hq, D] and k_pages [P, S, Hk, D].")
     B, Hq, D = q.shape
     P, S, Hk, Dk = k_pages.shape
     need(k_pages.dtype == q.dtype and v_pages.dtype == q.dtype, "k_pages and v_pages need q's dtype.")
     need(v_pages.shape == k_pages.shape, "v_pages must have k_pages' shape.")
-    need(Dk == D and D in (64, 128), f"head_dim must be 64 or 128 and match q (q {D}, k {Dk}).")
-    need(S in (16, 32, 64, 128), f"page size must be 16, 32, 64 or 128, got {S}.")
-    need(Hq % Hk == 0 and Hq // Hk <= ROWS, f"Hq ({Hq}) must be a multiple of Hk ({Hk}), G <= {ROWS}.")
+    need(Dk == D, f"head_dim of q ({D}) and k ({Dk}) differ.")
+    need(Hq % Hk == 0, f"Hq ({Hq}) must be a multiple of Hk ({Hk}).")
+    why = unsupported(q.dtype, D, S, Hq // Hk)
+    need(why is None, why)
     need(B > 0 and P > 0, "need at least one sequence and one page.")
     need(block_table.dtype == torch.int32 and block_table.dim() == 2 and block_table.shape[0] == B
          and block_table.shape[1] > 0, "block_table must be int32 [B, NBmax] with NBmax >= 1.")
