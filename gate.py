@@ -535,7 +535,6 @@ if triton is not None:
 
 
 _INV_FREQ = {}   # (Dg, theta, device) -> RoPE inverse frequencies, computed as cos_sin does
-STEP_WARPS = 4
 
 
 def seer_step(q, x, positions, page, kmax, kmin, ksum, gate_k, gate):
@@ -555,5 +554,5 @@ def seer_step(q, x, positions, page, kmax, kmin, ksum, gate_k, gate):
     _seer_step_kernel[(Hk, B)](q, q.stride(0), x, x.stride(0), x.stride(1), positions.contiguous(), page.contiguous(),
                                kmax, kmin, ksum, gate_k, gq, wq, gate.qnorm_weight if norm else wq, wk,
                                gate.knorm_weight if norm else wk, _INV_FREQ[key], GATE_EPS, Hk=Hk, G=q.shape[1] // Hk,
-                               D=D, DG=Dg, S=gate.block_size, HAS_NORM=norm, num_warps=STEP_WARPS)
+                               D=D, DG=Dg, S=gate.block_size, HAS_NORM=norm)
     return gq
