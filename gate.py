@@ -27,7 +27,7 @@ try:
 except ImportError:  # CPU-only installs pick blocks with PyTorch (pick_blocks)
     triton = None
 
-from model import RMSNorm, apply_rope, fused, rms_norm, rope_cos_sin
+from model import RMSNorm, cos_sin, fused, rms_norm, rotate
 
 SELECTORS = ("dense", "seer", "quest", "oracle", "window")
 GATE_EPS = 1e-6   # the gate's q/k RMSNorm epsilon
@@ -106,7 +106,7 @@ def norm_rope(x, norm, positions, theta):
     """x [N, Hk, Dg] -> RMS-normed with weight norm (unless None), then RoPE at positions [N]."""
     if norm is not None:
         x = rms_norm(x.reshape(-1, x.shape[-1]), norm, GATE_EPS).view(x.shape)
-    return apply_rope(x, *rope_cos_sin(positions, x.shape[-1], theta, x.dtype))
+    return rotate(x, *cos_sin(positions, x.shape[-1], theta, x.dtype))
 
 
 # ---- gate folders: config.json (base model config + seerattn_* fields) + safetensors ----
@@ -257,7 +257,6 @@ class Selector:
         cache, S = step.cache, step.cache.page_size
         B, NB = step.block_table.shape
         Hk = cache.k.shape[3]
-        page = step.slots // S
         if self.attn == "dense":
             count_tokens(step.lengths, None, S, Hk, self.read, self.total)
             return None
@@ -267,16 +266,16 @@ class Selector:
             gate = self.model.layers[layer].self_attn.attn_gate
             stats = [cache.pooled[n][layer] for n in ("kmax", "kmin", "ksum", "gate_k")]
             if use_triton(q, gate):   # three kernels: pooled keys + gate query, scores, picks
-                gq = seer_step(q, k, step.positions, page, *stats, gate)
+                gq = seer_step(q, k, step.positions, step.pages, *stats, gate)
                 return seer_pick(gq, stats[3], step.block_table, step.lengths, S, k_top, self.threshold or 0.0,
                                  self.read, self.total)
-            seer_pool_step(k, step.positions, page, cache.scratch, *stats, gate.attngate_linear_k.weight,
+            seer_pool_step(k, step.positions, step.pages, cache.scratch, *stats, gate.attngate_linear_k.weight,
                            gate.knorm_weight, S, gate.rope_theta)
             score = seer_scores(q, step.positions, gate.attngate_linear_q.weight, gate.qnorm_weight,
                                 stats[3], step.block_table, gate.rope_theta)     # [B, Hk, NB]
         elif self.attn == "quest":
             qmax, qmin = cache.pooled["qmax"][layer], cache.pooled["qmin"][layer]
-            running_pool(kr, step.positions % S == 0, page, qmax, qmin)
+            running_pool(kr, step.positions % S == 0, step.pages, qmax, qmin)
             G = q.shape[1] // Hk
             qg = qr.view(B, Hk, G, -1).float()
             kmax, kmin = qmax[step.block_table.long()].float(), qmin[step.block_table.long()].float()  # [B, NB, Hk, D]

@@ -146,10 +146,10 @@ def use_kernel(kind, device, net, page_sizes):
         if kind == "tilelang":
             raise ValueError(f"--kernel tilelang needs tilelang and CUDA: {e}")
         return
-    c = net.config
-    why = next(filter(None, (kernel_decode.unsupported(next(net.parameters()).dtype, c.head_dim, S,
-                                                       c.num_attention_heads // c.num_key_value_heads)
-                             for S in page_sizes)), None)
+    c, dtype = net.config, next(net.parameters()).dtype
+    why = None
+    for S in page_sizes:
+        why = why or kernel_decode.unsupported(dtype, c.head_dim, S, c.num_attention_heads // c.num_key_value_heads)
     if why is None:   # unchecked: our allocator and selectors make the ids, and a check would sync
         M.decode_attention = functools.partial(kernel_decode.decode_attention, check=False)
     elif kind == "tilelang":

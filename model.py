@@ -98,29 +98,18 @@ def add_rms_norm(x, residual, weight, eps):
     return rms_norm(x, weight, eps), x
 
 
-def rope_cos_sin(positions, dim, theta, dtype):
-    """positions [...] -> cos, sin [..., dim] (angles in float32, as Hugging Face does)."""
-    cos, sin = cos_sin(positions.reshape(-1), dim, theta, dtype)
-    return cos.view(*positions.shape, dim), sin.view(*positions.shape, dim)
-
-
 @fused
 def cos_sin(positions, dim, theta, dtype):
+    """positions [N] -> cos, sin [N, dim] for RoPE (angles in float32, as Hugging Face does)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
     angles = positions.float()[:, None] * inv_freq               # [N, dim/2]
     angles = torch.cat([angles, angles], dim=-1)                 # [N, dim]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x, cos, sin):
-    """x [..., H, dim]; cos/sin [..., dim] broadcast over heads. rotate_half convention."""
-    lead = x.shape[:-2]
-    cos, sin = (t.expand(*lead, t.shape[-1]).reshape(-1, t.shape[-1]) for t in (cos, sin))
-    return rotate(x.reshape(-1, *x.shape[-2:]), cos, sin).view(x.shape)   # as [N, H, dim]
-
-
 @fused
 def rotate(x, cos, sin):
+    """RoPE, rotate-half convention: x [N, H, dim], cos / sin [N, dim] broadcast over heads."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos[:, None, :] + torch.cat([-x2, x1], dim=-1) * sin[:, None, :]
 
@@ -174,8 +163,8 @@ class Attention(nn.Module):
         self.capture = None   # train_gate.py: capture(layer_idx, q, k, qr, kr) sees each layer's q and k
 
     def forward(self, x, cos, sin, step=None):
+        """x [B, T, hidden]; cos, sin [B*T, D] -> [B, T, hidden]."""
         B, T, _ = x.shape
-        cos, sin = (t.expand(B, T, self.d).reshape(B * T, self.d) for t in (cos, sin))
         q, k, qr, kr, v = qk_norm_rope(self.qkv_proj(x).view(B * T, -1), self.q_norm.weight, self.k_norm.weight,
                                        cos, sin, self.hq, self.hk, self.q_norm.eps)   # [B*T, H, D] each
         if self.capture is not None:
@@ -242,6 +231,7 @@ class Step:
     positions: torch.Tensor             # [N] position of each new token
     block_table: torch.Tensor = None    # [B, NB] int32, decode only
     lengths: torch.Tensor = None        # [B] int32 tokens incl. the new one, decode only
+    pages: torch.Tensor = None          # [B] int64 page of each new token, decode only
     select: object = None               # a selector from gate.py, or None for dense
 
 
@@ -260,7 +250,8 @@ class Qwen3(nn.Module):
 
     def hidden(self, input_ids, positions, step=None):
         x, residual = self.embed_tokens(input_ids), None              # [B, T, hidden]
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = cos_sin(positions.expand(input_ids.shape).reshape(-1), self.config.head_dim,
+                           self.config.rope_theta, x.dtype)           # [B*T, D] each
         for layer in self.layers:
             x, residual = layer(x, residual, cos, sin, step)
         return x + residual
@@ -293,7 +284,7 @@ class Qwen3(nn.Module):
         S = cache.page_size
         positions = lengths.long()                                    # [B] the new token's position
         pages = block_table.gather(1, (positions // S)[:, None])[:, 0].long()
-        step = Step(cache, pages * S + positions % S, positions, block_table, lengths + 1, select)
+        step = Step(cache, pages * S + positions % S, positions, block_table, lengths + 1, pages, select)
         x = self.hidden(tokens[:, None], positions[:, None], step)
         return self.logits(x[:, 0])
 

@@ -223,7 +223,7 @@ import gate as GT
 def rope64(x, pos, theta):
     """Rotate-half RoPE written out in float64, pair (i, i + n/2) turned by pos * theta^(-2i/n)."""
     n = x.shape[-1]
-    ang = pos * theta ** (-torch.arange(0, n, 2, dtype=torch.float64) / n)
+    ang = pos * theta ** (-torch.arange(0, n, 2, dtype=torch.float64, device=x.device) / n)
     c, s = ang.cos(), ang.sin()
     a, b = x[..., : n // 2], x[..., n // 2:]
     return torch.cat([a * c - b * s, b * c + a * s], -1)
@@ -415,11 +415,9 @@ def test_seer_pick_kernel_matches_float64_topk_and_threshold(dg, S, NB):
 
 def norm_rope64(g, norm, pos, theta):
     """float64 gate vectors g [..., dg]: RMS norm with weight norm (unless None), then RoPE at pos."""
-    dg = g.shape[-1]
     if norm is not None:
         g = g / (g.pow(2).mean(-1, keepdim=True) + GT.GATE_EPS).sqrt() * norm.double()
-    ang = (pos * 1.0 / theta ** (torch.arange(0, dg, 2, dtype=torch.float64) / dg)).repeat(2).to(g.device)
-    return g * ang.cos() + torch.cat([-g[..., dg // 2:], g[..., :dg // 2]], -1) * ang.sin()
+    return rope64(g, pos, theta)
 
 
 @pytest.mark.skipif(GT.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
