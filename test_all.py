@@ -482,7 +482,8 @@ for top_k, nb in ((True, 512), (False, 2048)):   # Qwen3-8B shapes: Hk 8, block 
           dict(Hk=8, S=64, TOP_K=top_k, NB_P2=nb, W_P2=128 if top_k else 4096))
 build(GT._seer_step_kernel, dict(q=ptr, sq_b=i32, x=ptr, sx_b=i32, sx_h=i32, positions="*i64", page="*i64",
                                  kmax=ptr, kmin=ptr, ksum="*fp32", gate_k=ptr, gq=ptr, wq=ptr, qnorm=ptr, wk=ptr,
-                                 knorm=ptr, inv_freq="*fp32", eps=f32), dict(Hk=8, G=4, D=128, DG=128, S=64, HAS_NORM=True))
+                                 knorm=ptr, inv_freq="*fp32", eps=f32, B=i32),
+      dict(Hk=8, G=4, D=128, DG=128, S=64, R=GT.STEP_ROWS, HAS_NORM=True, PREC="tf32"))
 print("built")
 """
 
