@@ -27,6 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch path
+    triton = None
+
 
 @dataclass
 class Qwen3Config:
@@ -165,12 +171,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, step=None):
         """x [B, T, hidden]; cos, sin [B*T, D] -> [B, T, hidden]."""
         B, T, _ = x.shape
+        pages = (step.cache.k[self.layer_idx], step.cache.v[self.layer_idx], step.slots) if step is not None else ()
         q, k, qr, kr, v = qk_norm_rope(self.qkv_proj(x).view(B * T, -1), self.q_norm.weight, self.k_norm.weight,
-                                       cos, sin, self.hq, self.hk, self.q_norm.eps)   # [B*T, H, D] each
+                                       cos, sin, self.hq, self.hk, self.q_norm.eps, *pages)   # [B*T, H, D] each
         if self.capture is not None:
             self.capture(self.layer_idx, *(t.view(B, T, -1, self.d) for t in (q, k, qr, kr)))
-        if step is not None:                                          # write K (post-RoPE) and V
-            step.cache.write(self.layer_idx, step.slots, kr, v)
         if step is None or step.block_table is None:                  # dense causal over these T tokens
             if step is not None and step.select is not None:          # prefill: pool the prompt's keys
                 step.select.prefill(self.layer_idx, step, k, kr)
@@ -183,13 +188,78 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(B, T, self.hq * self.d))
 
 
-@fused
-def qk_norm_rope(qkv, q_norm, k_norm, cos, sin, hq: int, hk: int, eps: float):
+def qk_norm_rope(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None, v_pages=None, slots=None):
     """One layer's projections qkv [N, (Hq + 2 Hk) D] -> q, k (QK-normed, pre-RoPE: what the gate
-    reads), qr, kr (post-RoPE), v, each [N, H, D]; cos, sin [N, D]."""
+    reads), qr, kr (post-RoPE), v, each [N, H, D]; cos, sin [N, D]. With a layer's pages
+    k_pages, v_pages [P, S, Hk, D], kr and v are also written at flat slots [N]. On CUDA without
+    autograd, one Triton kernel does it all (compiled, the norms, RoPE and writes were 8 kernels)."""
+    if triton is not None and qkv.is_cuda and not torch.is_grad_enabled():
+        return qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages, slots)
+    q, k, qr, kr, v = qk_norm_rope_torch(qkv, q_norm, k_norm, cos, sin, hq, hk, eps)
+    if k_pages is not None:
+        k_pages.view(-1, hk, kr.shape[-1])[slots] = kr.to(k_pages.dtype)
+        v_pages.view(-1, hk, v.shape[-1])[slots] = v.to(v_pages.dtype)
+    return q, k, qr, kr, v
+
+
+@fused
+def qk_norm_rope_torch(qkv, q_norm, k_norm, cos, sin, hq: int, hk: int, eps: float):
     q, k, v = qkv.view(qkv.shape[0], hq + 2 * hk, -1).split([hq, hk, hk], 1)
     q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
     return q, k, rotate(q, cos, sin), rotate(k, cos, sin), v
+
+
+if triton is not None:
+    @triton.jit
+    def _qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, q_out, qr_out, k_out, kr_out, k_pages, v_pages, slots,
+                             eps, Hq: tl.constexpr, Hk: tl.constexpr, D: tl.constexpr, WRITE: tl.constexpr):
+        """One program per (token t, head j): j < Hq a query head, else key head j - Hq (and its value)."""
+        t, j = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        DT = q_out.dtype.element_ty
+        e = tl.arange(0, D // 2)                                         # RoPE turns pairs (e, e + D / 2)
+        row = qkv + (t * (Hq + 2 * Hk) + j) * D
+        lo, hi = tl.load(row + e).to(tl.float32), tl.load(row + D // 2 + e).to(tl.float32)
+        w = q_norm if j < Hq else k_norm
+        r = tl.rsqrt((tl.sum(lo * lo, 0) + tl.sum(hi * hi, 0)) / D + eps)   # RMSNorm in float32, as rms_norm
+        lo = ((lo * r).to(DT).to(tl.float32) * tl.load(w + e).to(tl.float32)).to(DT)
+        hi = ((hi * r).to(DT).to(tl.float32) * tl.load(w + D // 2 + e).to(tl.float32)).to(DT)
+        c_lo, c_hi = tl.load(cos + t * D + e).to(tl.float32), tl.load(cos + t * D + D // 2 + e).to(tl.float32)
+        s_lo, s_hi = tl.load(sin + t * D + e).to(tl.float32), tl.load(sin + t * D + D // 2 + e).to(tl.float32)
+        r_lo = (lo.to(tl.float32) * c_lo - hi.to(tl.float32) * s_lo).to(DT)
+        r_hi = (hi.to(tl.float32) * c_hi + lo.to(tl.float32) * s_hi).to(DT)
+        if j < Hq:
+            at = (t * Hq + j) * D + e
+            tl.store(q_out + at, lo)
+            tl.store(q_out + at + D // 2, hi)
+            tl.store(qr_out + at, r_lo)
+            tl.store(qr_out + at + D // 2, r_hi)
+        else:
+            at = (t * Hk + j - Hq) * D + e
+            tl.store(k_out + at, lo)
+            tl.store(k_out + at + D // 2, hi)
+            tl.store(kr_out + at, r_lo)
+            tl.store(kr_out + at + D // 2, r_hi)
+            if WRITE:   # K (post-RoPE) and V into the page slot
+                page = (tl.load(slots + t) * Hk + j - Hq) * D + e
+                tl.store(k_pages + page, r_lo.to(k_pages.dtype.element_ty))
+                tl.store(k_pages + page + D // 2, r_hi.to(k_pages.dtype.element_ty))
+                v = row + Hk * D
+                tl.store(v_pages + page, tl.load(v + e).to(v_pages.dtype.element_ty))
+                tl.store(v_pages + page + D // 2, tl.load(v + D // 2 + e).to(v_pages.dtype.element_ty))
+
+
+def qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None, v_pages=None, slots=None):
+    """qk_norm_rope as one Triton kernel (head_dim a power of two)."""
+    N = qkv.shape[0]
+    D = qkv.shape[1] // (hq + 2 * hk)
+    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+    q, qr = (torch.empty(N, hq, D, dtype=qkv.dtype, device=qkv.device) for _ in range(2))
+    k, kr = (torch.empty(N, hk, D, dtype=qkv.dtype, device=qkv.device) for _ in range(2))
+    write = k_pages is not None
+    _qk_norm_rope_kernel[(N, hq + hk)](qkv, q_norm, k_norm, cos, sin, q, qr, k, kr, k_pages if write else k,
+                                       v_pages if write else k, slots if write else qkv, eps, Hq=hq, Hk=hk, D=D,
+                                       WRITE=write)
+    return q, k, qr, kr, qkv.view(N, hq + 2 * hk, D)[:, hq + hk:]
 
 
 class MLP(nn.Module):
@@ -410,6 +480,7 @@ class PagedKVCache:
         self.free.extend(self.pages.pop(seq_id))
 
     def slots(self, seq_id, positions):
+        """Flat slots (page * S + offset) of seq_id's positions: where their K and V go."""
         pages = torch.tensor(self.pages[seq_id], device=positions.device)
         return pages[positions // self.page_size] * self.page_size + positions % self.page_size
 
@@ -418,8 +489,3 @@ class PagedKVCache:
         width = width or max(len(self.pages[s]) for s in seq_ids)
         table = [self.pages[s] + [self.scratch] * (width - len(self.pages[s])) for s in seq_ids]
         return torch.tensor(table, dtype=torch.int32, device=self.k.device)
-
-    def write(self, layer, slots, k, v):
-        """k, v [N, Hk, D] into flat slots [N]."""
-        self.k[layer].view(-1, *k.shape[1:])[slots] = k.to(self.k.dtype)
-        self.v[layer].view(-1, *v.shape[1:])[slots] = v.to(self.v.dtype)

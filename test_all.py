@@ -215,11 +215,6 @@ def test_generate_cli_streams_and_reports(tmp_path):
     assert r.returncode != 0 and "out of pages" in r.stderr and "Traceback" not in r.stderr
 
 
-# ---- the gate, pooled keys and selectors (gate.py) ----
-
-import gate as GT
-
-
 def rope64(x, pos, theta):
     """Rotate-half RoPE written out in float64, pair (i, i + n/2) turned by pos * theta^(-2i/n)."""
     n = x.shape[-1]
@@ -227,6 +222,41 @@ def rope64(x, pos, theta):
     c, s = ang.cos(), ang.sin()
     a, b = x[..., : n // 2], x[..., n // 2:]
     return torch.cat([a * c - b * s, b * c + a * s], -1)
+
+
+@pytest.mark.skipif(M.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
+@pytest.mark.parametrize("hq,hk,D", [(4, 2, 64), (6, 2, 128)])
+def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D):
+    """model.qk_norm_rope_kernel (one Triton kernel: QK RMSNorm, RoPE, K and V into their page
+    slots) against the same steps in float64: per-head RMS norm times the weight, then RoPE at
+    each token's position; K (post-RoPE) and V land in the given slots and nowhere else."""
+    torch.manual_seed(D)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    N, P, S, theta, eps = 5, 4, 8, 1e4, 1e-6
+    qkv = (3 * torch.randn(N, (hq + 2 * hk) * D, device=dev)).bfloat16()
+    q_norm, k_norm = (torch.empty(D, device=dev).uniform_(0.5, 1.5).bfloat16() for _ in range(2))
+    pos = torch.tensor([0, 3, 17, 100, 4000], device=dev)
+    cos, sin = M.cos_sin(pos, D, theta, torch.bfloat16)
+    k_pages, v_pages = (torch.full((P, S, hk, D), 7.0, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    slots = torch.tensor([5, 9, 31, 0, 17], device=dev)
+    q, k, qr, kr, v = M.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages, slots)
+    x = qkv.double().view(N, hq + 2 * hk, D)
+    norm64 = lambda x, w: x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w.double()
+    q64, k64 = norm64(x[:, :hq], q_norm), norm64(x[:, hq:hq + hk], k_norm)
+    at = pos.double()[:, None, None]
+    for got, want in ((q, q64), (k, k64), (qr, rope64(q64, at, theta)), (kr, rope64(k64, at, theta))):
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 2e-2   # bf16: ~2 ulps
+    assert torch.equal(v, x[:, hq + hk:].bfloat16())
+    k_flat, v_flat = k_pages.view(-1, hk, D), v_pages.view(-1, hk, D)
+    assert torch.equal(k_flat[slots], kr) and torch.equal(v_flat[slots], v)
+    others = torch.ones(P * S, dtype=torch.bool, device=dev)
+    others[slots] = False
+    assert (k_flat[others] == 7).all() and (v_flat[others] == 7).all()
+
+
+# ---- the gate, pooled keys and selectors (gate.py) ----
+
+import gate as GT
 
 
 def test_gate_scores_match_explicit_float64_computation():
@@ -467,7 +497,7 @@ def test_seer_step_kernel_matches_float64_gate_queries_pooling_and_gate_keys(D, 
 
 
 SM90_BUILD = """
-import triton, gate as GT
+import triton, gate as GT, model as M
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 ptr, i32, f32 = "*bf16", "i32", "fp32"
@@ -484,6 +514,9 @@ build(GT._seer_step_kernel, dict(q=ptr, sq_b=i32, x=ptr, sx_b=i32, sx_h=i32, pos
                                  kmax=ptr, kmin=ptr, ksum="*fp32", gate_k=ptr, gq=ptr, wq=ptr, qnorm=ptr, wk=ptr,
                                  knorm=ptr, inv_freq="*fp32", eps=f32, B=i32),
       dict(Hk=8, G=4, D=128, DG=128, S=64, R=GT.STEP_ROWS, HAS_NORM=True, PREC="tf32"))
+build(M._qk_norm_rope_kernel, dict(qkv=ptr, q_norm=ptr, k_norm=ptr, cos=ptr, sin=ptr, q_out=ptr, qr_out=ptr,
+                                  k_out=ptr, kr_out=ptr, k_pages=ptr, v_pages=ptr, slots="*i64", eps=f32),
+      dict(Hq=32, Hk=8, D=128, WRITE=True))
 print("built")
 """
 
