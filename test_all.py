@@ -247,6 +247,8 @@ def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D
     for got, want in ((q, q64), (k, k64), (qr, rope64(q64, at, theta)), (kr, rope64(k64, at, theta))):
         assert ((got.double() - want).abs().max() / want.abs().max()).item() < 2e-2   # bf16: ~2 ulps
     assert torch.equal(v, x[:, hq + hk:].bfloat16())
+    no_pages = M.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps)     # no cache: nothing written
+    assert all(torch.equal(a, b) for a, b in zip(no_pages, (q, k, qr, kr, v)))
     k_flat, v_flat = k_pages.view(-1, hk, D), v_pages.view(-1, hk, D)
     assert torch.equal(k_flat[slots], kr) and torch.equal(v_flat[slots], v)
     others = torch.ones(P * S, dtype=torch.bool, device=dev)
