@@ -479,7 +479,9 @@ STEP_ROWS = 16    # sequences per program: tl.dot's smallest tile
 if triton is not None:
     @triton.jit
     def _norm_rope(lo, hi, pos, norm, inv_freq, eps, e, WT: tl.constexpr, DG: tl.constexpr, HAS_NORM: tl.constexpr):
-        """Gate vectors' two halves lo, hi [R, DG / 2] (float32 of WT values) -> RMS-normed, RoPE at pos [R]."""
+        """Gate vectors' two halves lo, hi [R, DG / 2] (float32 sums of the projection) -> rounded to WT as
+        PyTorch's matmul rounds, RMS-normed, RoPE at pos [R]."""
+        lo, hi = lo.to(WT).to(tl.float32), hi.to(WT).to(tl.float32)
         if HAS_NORM:
             r = tl.rsqrt((tl.sum(lo * lo, 1) + tl.sum(hi * hi, 1)) / DG + eps)[:, None]
             lo = ((lo * r).to(WT).to(tl.float32) * tl.load(norm + e).to(tl.float32)[None, :]).to(WT).to(tl.float32)
@@ -512,8 +514,7 @@ if triton is not None:
             qg = qg.to(WT).to(tl.float32)
             lo = tl.dot(qg, tl.load(w).to(tl.float32), lo, input_precision=PREC)
             hi = tl.dot(qg, tl.load(w + DG // 2).to(tl.float32), hi, input_precision=PREC)
-        lo, hi = _norm_rope(lo.to(WT).to(tl.float32), hi.to(WT).to(tl.float32), pos, qnorm, inv_freq, eps, e, WT, DG,
-                            HAS_NORM)
+        lo, hi = _norm_rope(lo, hi, pos, qnorm, inv_freq, eps, e, WT, DG, HAS_NORM)
         out = gq + (b[:, None] * Hk + h) * DG + e[None, :]
         tl.store(out, lo, mask=live[:, None])
         tl.store(out + DG // 2, hi, mask=live[:, None])
@@ -538,8 +539,7 @@ if triton is not None:
                 w = wk + (h * 3 * D + c * D + d[:, None]) * DG + e[None, :]   # [D, Dg / 2]
                 lo = tl.dot(part, tl.load(w).to(tl.float32), lo, input_precision=PREC)
                 hi = tl.dot(part, tl.load(w + DG // 2).to(tl.float32), hi, input_precision=PREC)
-            lo, hi = _norm_rope(lo.to(WT).to(tl.float32), hi.to(WT).to(tl.float32), pos - off, knorm, inv_freq, eps,
-                                e, WT, DG, HAS_NORM)
+            lo, hi = _norm_rope(lo, hi, pos - off, knorm, inv_freq, eps, e, WT, DG, HAS_NORM)
             out = gate_k + (pg[:, None] * Hk + h) * DG + e[None, :]
             tl.store(out, lo, mask=full[:, None])
             tl.store(out + DG // 2, hi, mask=full[:, None])

@@ -215,6 +215,11 @@ def test_generate_cli_streams_and_reports(tmp_path):
     assert r.returncode != 0 and "out of pages" in r.stderr and "Traceback" not in r.stderr
 
 
+def rms_norm64(x, w, eps):
+    """RMS norm over the last dim with weight w, in float64."""
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w.double()
+
+
 def rope64(x, pos, theta):
     """Rotate-half RoPE written out in float64, pair (i, i + n/2) turned by pos * theta^(-2i/n)."""
     n = x.shape[-1]
@@ -241,8 +246,7 @@ def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D
     slots = torch.tensor([5, 9, 31, 0, 17], device=dev)
     q, k, qr, kr, v = M.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages, slots)
     x = qkv.double().view(N, hq + 2 * hk, D)
-    norm64 = lambda x, w: x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w.double()
-    q64, k64 = norm64(x[:, :hq], q_norm), norm64(x[:, hq:hq + hk], k_norm)
+    q64, k64 = rms_norm64(x[:, :hq], q_norm, eps), rms_norm64(x[:, hq:hq + hk], k_norm, eps)
     at = pos.double()[:, None, None]
     for got, want in ((q, q64), (k, k64), (qr, rope64(q64, at, theta)), (kr, rope64(k64, at, theta))):
         assert ((got.double() - want).abs().max() / want.abs().max()).item() < 2e-2   # bf16: ~2 ulps
@@ -272,15 +276,14 @@ def test_gate_scores_match_explicit_float64_computation():
     got = gate.scores(q, k).detach()
     Wq, Wk = gate.attngate_linear_q.weight.detach(), gate.attngate_linear_k.weight.detach()
     nq, nk = gate.attngate_qnorm.weight.detach(), gate.attngate_knorm.weight.detach()
-    rms = lambda x, w: x / torch.sqrt((x * x).mean() + 1e-6) * w
     for t in range(T):
         for h in range(hk):
             gq = sum(q[t, h * g + i] @ Wq[h, i] for i in range(g))
-            gq = rope64(rms(gq, nq), t, 100.0)
+            gq = rope64(rms_norm64(gq, nq, 1e-6), t, 100.0)
             for j in range(T // S):
                 blk = k[j * S:(j + 1) * S, h]
                 pooled = torch.cat([blk.max(0).values, blk.min(0).values, blk.mean(0)])
-                gk = rope64(rms(pooled @ Wk[h], nk), j * S, 100.0)
+                gk = rope64(rms_norm64(pooled @ Wk[h], nk, 1e-6), j * S, 100.0)
                 want = gq @ gk / dg ** 0.5 if j < t // S else float("-inf")
                 assert got[t, h, j] == want if want == float("-inf") else abs(got[t, h, j] - want) < 1e-5  # RoPE angles are float32, as in HF
 
@@ -447,9 +450,7 @@ def test_seer_pick_kernel_matches_float64_topk_and_threshold(dg, S, NB):
 
 def norm_rope64(g, norm, pos, theta):
     """float64 gate vectors g [..., dg]: RMS norm with weight norm (unless None), then RoPE at pos."""
-    if norm is not None:
-        g = g / (g.pow(2).mean(-1, keepdim=True) + GT.GATE_EPS).sqrt() * norm.double()
-    return rope64(g, pos, theta)
+    return rope64(rms_norm64(g, norm, GT.GATE_EPS) if norm is not None else g, pos, theta)
 
 
 @pytest.mark.skipif(GT.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
