@@ -205,6 +205,7 @@ def linear_kernel(x, w):
     N = w.shape[0]
     assert M <= LINEAR_ROWS and w.shape[1] == K, (x.shape, w.shape)
     BN, BK, stages = (64, 128, 3) if N >= 16384 else (64, 256, 4) if N >= 6144 else (32, 256, 6)
+    BK = BK // 2 if x.dtype == torch.float32 else BK   # float32 tiles: twice the shared memory a stage
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     _linear_kernel[(triton.cdiv(N, BN),)](x.contiguous(), w.contiguous(), out, M, N, K, BN=BN, BK=BK,
                                           PREC="ieee" if x.dtype == torch.float32 else "tf32", num_stages=stages)
