@@ -387,12 +387,10 @@ def use_triton(x, gate):
 # batch 8 x 32K on an H100. Here the scoring is spread wide (one program per SCORE_BLK blocks
 # of a (sequence, KV head) row: gathers their gate keys through the page table, dots them with
 # the gate query) and the picking is one small program per row that keeps the row's scores in
-# registers, finds the k-th largest key two bits a round (16 rounds, each counting the row's
-# keys at or above 4 candidates), writes the chosen ids in block order and the new token's
-# block, and adds the tokens read to the counters. The search is 16 dependent reductions:
-# cheap within a few warps, dear across the 16 that the scoring wants, which is why the two
-# are apart. Score + pick at batch 8, 512 blocks, 4 warps, graph-replayed from a cold L2
-# (H200, 2026-11-30): 1 bit a round 19.2 µs, 2 bits 17.5, 4 bits 18.6, 8 bits 155.
+# registers, finds the k-th largest by a bitwise search (32 counts over the row), writes the
+# chosen ids in block order and the new token's block, and adds the tokens read to the
+# counters. The search is 32 dependent reductions: cheap within a few warps, dear across the
+# 16 that the scoring wants, which is why the two are apart.
 
 SCORE_BLK = 32    # blocks per scoring program (16 / 32 / 64 within 1 µs; H100, 2026-11-23)
 
@@ -425,11 +423,9 @@ if triton is not None:
             key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # float order, >= 0
             key = tl.where(valid, key, -1)
             kth = tl.zeros([], tl.int64)
-            digit = tl.arange(0, 4).to(tl.int64)
-            for shift in tl.static_range(30, -1, -2):   # two bits a round, from the top
-                cand = kth | (digit << shift)                                         # [4]
-                count = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)       # keys at or above each
-                kth = tl.max(tl.where(count >= K, cand, 0), 0)   # counts fall with the digit: the last >= K
+            for bit in tl.static_range(31, -1, -1):
+                cand = kth | (1 << bit)
+                kth = tl.where(tl.sum((key >= cand).to(tl.int32), 0) >= K, cand, kth)
             above = key > kth
             tie_rank = tl.cumsum((key == kth).to(tl.int32), 0)               # ties: lowest ids first
             chosen = valid & (above | ((key == kth) & (tie_rank <= K - tl.sum(above.to(tl.int32), 0))))
