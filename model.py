@@ -161,7 +161,8 @@ decode_attention = decode_attention_ref  # generate.py swaps in the TileLang ker
 
 
 class Linear(nn.Linear):
-    """A block's projection: decode-sized calls go through `linear`'s kernel."""
+    """A block's projection: decode-sized calls go through `linear`'s kernel. (lm_head stays an
+    nn.Linear: cuBLAS reads it at 98% of copy speed.)"""
     def forward(self, x):
         return linear(x, self.weight)
 
@@ -170,8 +171,9 @@ def linear(x, w):
     """x [..., K] @ w [N, K]^T. A decode step multiplies a few rows (the batch) by each weight, so
     its time is the weight's read. cuBLAS reads the Qwen3-8B block weights at batch 8 at 54-78%
     of copy speed (split-K and a reduce kernel for some), the Triton kernel below at 61-87%
-    (back to back, H200): seer decode 7.32 -> 6.83 ms/step, dense 13.88 -> 13.41. It serves
-    up to LINEAR_ROWS rows of bf16 / fp16 on CUDA without autograd; the rest is F.linear."""
+    (back to back, H200); a Qwen3-8B batch 8 x 32K decode step went 7.32 -> 6.83 ms (seer) and
+    13.88 -> 13.41 (dense). It serves up to LINEAR_ROWS rows of bf16 / fp16 on CUDA without
+    autograd; the rest is F.linear."""
     N, K = w.shape
     rows = x.numel() // K
     if (triton is None or not x.is_cuda or torch.is_grad_enabled() or rows > LINEAR_ROWS
@@ -194,7 +196,8 @@ if triton is not None:
             a = tl.load(x + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
             b = tl.load(w + n[None, :] * K + k[:, None], mask=(n[None, :] < N) & (k[:, None] < K), other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PREC)                # [16, BK] @ [BK, BN]
-        tl.store(out + m[:, None] * N + n[None, :], acc.to(out.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
+        tl.store(out + m[:, None] * N + n[None, :], acc.to(out.dtype.element_ty),
+                 mask=(m[:, None] < M) & (n[None, :] < N))
 
 
 def linear_kernel(x, w):
