@@ -1,6 +1,7 @@
 """nanoseer tests. CPU tests compare against independent references (transformers' Qwen3,
 float64 attention written here); GPU tests skip without CUDA. Without a GPU the Triton
-kernels (model.py, gate.py) run in Triton's CPU interpreter, where triton is installed (CI installs it).
+kernels (model.py, gate.py) run in Triton's CPU interpreter, where triton is installed (CI
+installs it).
 
     python -m pytest -q test_all.py
 
