@@ -184,9 +184,15 @@ def step_bytes(net, B, ctx, sparsity, S, gates):
     return w + kv + pooled
 
 
-def kernel_profile(fn, layers, top=16):
-    """One eager call of fn under torch.profiler -> lines: kernels per layer, their total time, the
-    kernels that take the most (where a decode step's time goes, launch gaps aside)."""
+# pieces of kernel names -> the part of a decode step they do (--profile's split of the step)
+PARTS = {"GEMMs": ("_linear_kernel", "gemm", "nvjet", "splitKreduce"), "attention": ("decode_kernel",),
+         "seer_step": ("_seer_step",), "gate scores": ("_seer_score",), "top-k": ("_seer_pick",)}
+
+
+def kernel_profile(fn, layers, step_ms, top=16):
+    """One eager call of fn under torch.profiler -> lines: kernels per layer, their total time
+    against step_ms (a replayed step: the rest is launch gaps), that time split by PARTS, and
+    the kernels that take the most."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
@@ -197,7 +203,12 @@ def kernel_profile(fn, layers, top=16):
             n, us = per.get(e.name, (0, 0.0))
             per[e.name] = (n + 1, us + e.device_time)
     n_all, us_all = sum(n for n, _ in per.values()), sum(us for _, us in per.values())
-    lines = [f"#   one eager step: {n_all / layers:.1f} kernels per layer, {us_all / 1e3:.2f} ms of kernel time"]
+    parts = dict.fromkeys(list(PARTS) + ["the rest"], 0.0)
+    for name, (n, us) in per.items():
+        parts[next((p for p, keys in PARTS.items() if any(k in name for k in keys)), "the rest")] += us
+    lines = [f"#   one eager step: {n_all / layers:.1f} kernels per layer, {us_all / 1e3:.2f} ms of kernel time "
+             f"(the replayed step's {step_ms:.2f} ms leave {step_ms - us_all / 1e3:.2f} ms of launch gaps)",
+             "#   by part, ms: " + ", ".join(f"{p} {us / 1e3:.2f}" for p, us in parts.items() if us)]
     for name, (n, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:top]:
         lines.append(f"#   {us / 1e3:7.3f} ms {n:5d}x {us / n:7.1f} µs  {name[:80]}")
     return lines
@@ -232,7 +243,7 @@ def bench_ours(net, B, ctx, attn, budget, steps, S=64, profile=False):
     torch.cuda.synchronize()
     ms, sparsity = start.elapsed_time(end) / steps, select.sparsity()
     prof = kernel_profile(lambda: net.decode(tokens, table, lengths, cache, select),
-                          net.config.num_hidden_layers) if profile else []
+                          net.config.num_hidden_layers, ms) if profile else []
     del run, cache
     torch.cuda.empty_cache()
     return ms, sparsity, prof
@@ -349,7 +360,9 @@ def main():
     e.add_argument("--hf-steps", type=int, default=32, help="decode steps timed for transformers")
     e.add_argument("--profile", action="store_true",
                    help="after each row, the kernels of one eager decode step (torch.profiler): kernels per "
-                        "layer, and the 16 that take the most time (every per-layer kernel at Qwen3 shapes)")
+                        "layer, their time against the replayed step's (the rest is launch gaps), split into "
+                        "GEMMs / attention / seer's kernels / the rest, and the 16 kernels that take the most "
+                        "(every per-layer kernel at Qwen3 shapes)")
     args = parser.parse_args()
     t0 = time.time()
     if args.cmd == "kernel":
