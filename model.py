@@ -176,10 +176,15 @@ def linear(x, w):
     autograd; the rest is F.linear."""
     N, K = w.shape
     rows = x.numel() // K
-    if (triton is None or not x.is_cuda or torch.is_grad_enabled() or rows > LINEAR_ROWS
-            or x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype):
+    if not on_triton(x) or rows > LINEAR_ROWS or x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype:
         return F.linear(x, w)
     return linear_kernel(x.reshape(rows, K), w).view(*x.shape[:-1], N)
+
+
+def on_triton(x):
+    """Whether a call on x takes this file's Triton kernels: CUDA, triton installed, and no
+    autograd (the kernels have no backward)."""
+    return triton is not None and x.is_cuda and not torch.is_grad_enabled()
 
 
 LINEAR_ROWS = 16   # rows of one tl.dot tile: the kernel's batch limit
@@ -254,7 +259,7 @@ def qk_norm_rope(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None, v_pag
     RoPE and writes were 8 kernels, 17.5 µs per layer in a Qwen3-8B batch-8 decode step, the
     kernel 2.6 µs (H200)."""
     d = qkv.shape[1] // (hq + 2 * hk)
-    if triton is not None and qkv.is_cuda and not torch.is_grad_enabled() and d & (d - 1) == 0:
+    if on_triton(qkv) and d & (d - 1) == 0:
         return qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages, slots)
     q, k, qr, kr, v = qk_norm_rope_torch(qkv, q_norm, k_norm, cos, sin, hq, hk, eps)
     if k_pages is not None:
