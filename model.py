@@ -167,18 +167,20 @@ class Linear(nn.Linear):
         return linear(x, self.weight)
 
 
-def linear(x, w):
-    """x [..., K] @ w [N, K]^T. A decode step multiplies a few rows (the batch) by each weight, so
-    its time is the weight's read. cuBLAS reads the Qwen3-8B block weights at batch 8 at 54-78%
-    of copy speed (split-K and a reduce kernel for some), the Triton kernel below at 61-87%
-    (back to back, H200); a Qwen3-8B batch 8 x 32K decode step went 7.32 -> 6.83 ms (seer) and
-    13.88 -> 13.41 (dense). It serves up to LINEAR_ROWS rows of bf16 / fp16 on CUDA without
-    autograd; the rest is F.linear."""
+def linear(x, w, glu=False):
+    """x [..., K] @ w [N, K]^T; with glu, w stacks a gate and an up projection [2I, K] and the result
+    is silu(x @ gate^T) * (x @ up^T) [..., I] (the MLP's first half). A decode step multiplies a
+    few rows (the batch) by each weight, so its time is the weight's read. cuBLAS reads the
+    Qwen3-8B block weights at batch 8 at 54-78% of copy speed (split-K and a reduce kernel for
+    some), the Triton kernel below at 61-87% (back to back, H200); a Qwen3-8B batch 8 x 32K decode
+    step went 7.32 -> 6.83 ms (seer) and 13.88 -> 13.41 (dense); the silu_mul kernel folded into
+    gate_up's kernel took it 6.78 -> 6.70 and 13.41 -> 13.26 more (another H200). It serves up to
+    LINEAR_ROWS rows of bf16 / fp16 on CUDA without autograd; the rest is F.linear."""
     N, K = w.shape
     rows = x.numel() // K
     if not on_triton(x) or rows > LINEAR_ROWS or x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype:
-        return F.linear(x, w)
-    return linear_kernel(x.reshape(rows, K), w).view(*x.shape[:-1], N)
+        return silu_mul(*F.linear(x, w).chunk(2, -1)) if glu else F.linear(x, w)
+    return linear_kernel(x.reshape(rows, K), w, glu).view(*x.shape[:-1], N // 2 if glu else N)
 
 
 def on_triton(x):
@@ -191,32 +193,44 @@ LINEAR_ROWS = 16   # rows of one tl.dot tile: the kernel's batch limit
 
 if triton is not None:
     @triton.jit
-    def _linear_kernel(x, w, out, M, N, K, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-        """One program per BN output columns: all M (<= 16) rows, the whole K, BK at a time."""
+    def _linear_kernel(x, w, out, M, N, K, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                       GLU: tl.constexpr):
+        """One program per BN output columns: all M (<= 16) rows, the whole K, BK at a time. With GLU
+        the columns n of the gate and N + n of the up projection, silu(gate) * up written."""
         m = tl.arange(0, 16)
         n = tl.program_id(0) * BN + tl.arange(0, BN)
         acc = tl.zeros([16, BN], tl.float32)
+        acc_up = tl.zeros([16, BN], tl.float32)
         for k0 in range(0, K, BK):
             k = k0 + tl.arange(0, BK)
             a = tl.load(x + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
-            b = tl.load(w + n[None, :] * K + k[:, None], mask=(n[None, :] < N) & (k[:, None] < K), other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PREC)                # [16, BK] @ [BK, BN]
-        tl.store(out + m[:, None] * N + n[None, :], acc.to(out.dtype.element_ty),
-                 mask=(m[:, None] < M) & (n[None, :] < N))
+            at = w + n[None, :] * K + k[:, None]                          # [BK, BN]
+            mask = (n[None, :] < N) & (k[:, None] < K)
+            acc = tl.dot(a, tl.load(at, mask=mask, other=0.0), acc, input_precision=PREC)   # [16, BK] @ [BK, BN]
+            if GLU:
+                acc_up = tl.dot(a, tl.load(at + N * K, mask=mask, other=0.0), acc_up, input_precision=PREC)
+        y = acc.to(out.dtype.element_ty)
+        if GLU:   # rounded where F.linear rounds, then silu_mul's float32 arithmetic
+            g = y.to(tl.float32)
+            y = (g * tl.sigmoid(g) * acc_up.to(out.dtype.element_ty).to(tl.float32)).to(out.dtype.element_ty)
+        tl.store(out + m[:, None] * N + n[None, :], y, mask=(m[:, None] < M) & (n[None, :] < N))
 
 
-def linear_kernel(x, w):
-    """x [M <= 16, K] @ w [N, K]^T -> [M, N] in x's dtype, float32 sums (float32 inputs: IEEE, as
-    the CPU interpreter's tests need). Tiles and stages are the fastest of a sweep (BN 16-64,
-    BK 128-512, 3-6 stages) for Qwen3-4B / 8B shapes at batch 8 and 16 (H200, 2026-11-30)."""
+def linear_kernel(x, w, glu=False):
+    """x [M <= 16, K] @ w [N, K]^T -> [M, N] in x's dtype (glu: [M, N / 2], see linear), float32
+    sums (float32 inputs: IEEE, as the CPU interpreter's tests need). Tiles and stages are the
+    fastest of a sweep (BN 16-64, BK 128-512, 3-6 stages) for Qwen3-4B / 8B shapes at batch 8 and
+    16 (H200, 2026-11-30); with glu a program reads BN / 2 columns of each half."""
     M, K = x.shape
     N = w.shape[0]
-    assert M <= LINEAR_ROWS and w.shape[1] == K, (x.shape, w.shape)
+    assert M <= LINEAR_ROWS and w.shape[1] == K and not (glu and N % 2), (x.shape, w.shape, glu)
     BN, BK, stages = (64, 128, 3) if N >= 16384 else (64, 256, 4) if N >= 6144 else (32, 256, 6)
     BK = BK // 2 if x.dtype == torch.float32 else BK   # float32 tiles: twice the shared memory a stage
+    BN, N = (BN // 2, N // 2) if glu else (BN, N)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     _linear_kernel[(triton.cdiv(N, BN),)](x.contiguous(), w.contiguous(), out, M, N, K, BN=BN, BK=BK,
-                                          PREC="ieee" if x.dtype == torch.float32 else "tf32", num_stages=stages)
+                                          PREC="ieee" if x.dtype == torch.float32 else "tf32", GLU=glu,
+                                          num_stages=stages)
     return out
 
 
@@ -331,11 +345,11 @@ def qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # gate, up stacked
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # gate, up stacked
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(silu_mul(*self.gate_up_proj(x).chunk(2, -1)))
+        return self.down_proj(linear(x, self.gate_up_proj.weight, glu=True))   # silu(x @ gate) * (x @ up)
 
 
 @fused

@@ -233,9 +233,10 @@ def rope64(x, pos, theta):
 @pytest.mark.skipif(M.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
 @pytest.mark.parametrize("N,K", [(100, 300), (6144 + 40, 520), (16384 + 96, 130)])   # each tile shape, ragged
 def test_linear_kernel_matches_float64_and_serves_only_decode_sized_calls(N, K):
-    """model.linear_kernel (a few rows times a weight, one Triton kernel) against float64 at 1, 5
-    and 16 rows, N and K not multiples of the tiles. On a GPU also bf16 / fp16 (the CPU
-    interpreter cannot dot them), and model.linear hands only no-grad calls of <= 16 rows to it."""
+    """model.linear_kernel (a few rows times a weight, one Triton kernel; also its silu(gate) * up
+    form) against float64 at 1, 5 and 16 rows, N and K not multiples of the tiles. On a GPU also
+    bf16 / fp16 (the CPU interpreter cannot dot them), and model.linear hands only no-grad calls of
+    <= 16 rows to it."""
     torch.manual_seed(N)
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -244,10 +245,12 @@ def test_linear_kernel_matches_float64_and_serves_only_decode_sized_calls(N, K):
         w = w64.to(dtype)
         for rows in (1, 5, 16):
             x = torch.randn(rows, K, device=dev, dtype=torch.float64).to(dtype)
-            out = M.linear_kernel(x, w)
             ref = x.double() @ w.double().T
-            assert out.dtype == dtype and out.shape == (rows, N)
-            assert ((out.double() - ref).norm() / ref.norm()).item() < tol, (dtype, rows)
+            gate, up = ref.chunk(2, -1)
+            for glu, want in ((False, ref), (True, torch.nn.functional.silu(gate) * up)):   # N / 2 gate, up rows
+                out = M.linear_kernel(x, w, glu)
+                assert out.dtype == dtype and out.shape == want.shape
+                assert ((out.double() - want).norm() / want.norm()).item() < tol, (dtype, rows, glu)
     if cuda:
         w = w64.bfloat16()
         x = torch.randn(2, 8, 1, K, device=dev).bfloat16()                 # 16 rows: the kernel
@@ -255,6 +258,7 @@ def test_linear_kernel_matches_float64_and_serves_only_decode_sized_calls(N, K):
             assert torch.equal(M.linear(x, w), M.linear_kernel(x.view(16, K), w).view(2, 8, 1, N))
             x17 = torch.randn(17, K, device=dev).bfloat16()                 # 17 rows: cuBLAS
             assert torch.equal(M.linear(x17, w), torch.nn.functional.linear(x17, w))
+            assert torch.equal(M.linear(x, w, glu=True), M.linear_kernel(x.view(16, K), w, True).view(2, 8, 1, N // 2))
         assert torch.equal(M.linear(x[0], w), torch.nn.functional.linear(x[0], w))   # autograd on: cuBLAS
 
 
@@ -546,7 +550,8 @@ build(GT._seer_step_kernel, dict(q=ptr, sq_b=i32, x=ptr, sx_b=i32, sx_h=i32, pos
                                  kmax=ptr, kmin=ptr, ksum="*fp32", gate_k=ptr, gq=ptr, wq=ptr, qnorm=ptr, wk=ptr,
                                  knorm=ptr, inv_freq="*fp32", eps=f32, B=i32),
       dict(Hk=8, G=4, D=128, DG=128, S=64, R=GT.STEP_ROWS, HAS_NORM=True, PREC="tf32"))
-build(M._linear_kernel, dict(x=ptr, w=ptr, out=ptr, M=i32, N=i32, K=i32), dict(BN=32, BK=256, PREC="tf32"))
+for glu in (False, True):
+    build(M._linear_kernel, dict(x=ptr, w=ptr, out=ptr, M=i32, N=i32, K=i32), dict(BN=32, BK=256, PREC="tf32", GLU=glu))
 build(M._qk_norm_rope_kernel, dict(qkv=ptr, q_norm=ptr, k_norm=ptr, cos=ptr, sin=ptr, q_out=ptr, qr_out=ptr,
                                   k_out=ptr, kr_out=ptr, k_pages=ptr, v_pages=ptr, slots="*i64", eps=f32),
       dict(Hq=32, Hk=8, D=128, WRITE=True))
