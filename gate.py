@@ -27,7 +27,7 @@ try:
 except ImportError:  # CPU-only installs pick blocks with PyTorch (pick_blocks)
     triton = None
 
-from model import RMSNorm, cos_sin, fused, rms_norm, rotate
+from model import RMSNorm, cos_sin, fused, rms_norm, rope_inv_freq, rotate
 
 SELECTORS = ("dense", "seer", "quest", "oracle", "window")
 GATE_EPS = 1e-6   # the gate's q/k RMSNorm epsilon
@@ -545,7 +545,7 @@ if triton is not None:
             tl.store(out + DG // 2, hi, mask=full[:, None])
 
 
-_INV_FREQ = {}   # (Dg, theta, device) -> RoPE inverse frequencies, computed as cos_sin does
+_INV_FREQ = {}   # (Dg, theta, device) -> rope_inv_freq, made once (not in the step's graph)
 
 
 def seer_step(q, x, positions, page, kmax, kmin, ksum, gate_k, gate):
@@ -556,7 +556,7 @@ def seer_step(q, x, positions, page, kmax, kmin, ksum, gate_k, gate):
     Dg = gate_k.shape[-1]
     key = (Dg, gate.rope_theta, x.device)
     if key not in _INV_FREQ:
-        _INV_FREQ[key] = 1.0 / gate.rope_theta ** (torch.arange(0, Dg, 2, device=x.device, dtype=torch.float32) / Dg)
+        _INV_FREQ[key] = rope_inv_freq(Dg, gate.rope_theta, x.device)
     x = x if x.stride(2) == 1 else x.contiguous()      # rows and heads may be strided, channels not
     q = q if q.stride(2) == 1 and q.stride(1) == D else q.contiguous()
     wq, wk = gate.attngate_linear_q.weight, gate.attngate_linear_k.weight

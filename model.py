@@ -107,11 +107,15 @@ def add_rms_norm(x, residual, weight, eps):
     return rms_norm(x, weight, eps), x
 
 
+def rope_inv_freq(dim, theta, device):
+    """RoPE's float32 inverse frequencies [dim / 2], as Hugging Face computes them."""
+    return 1.0 / theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+
+
 @fused
 def cos_sin(positions, dim, theta, dtype):
     """positions [N] -> cos, sin [N, dim] for RoPE (angles in float32, as Hugging Face does)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
-    angles = positions.float()[:, None] * inv_freq               # [N, dim/2]
+    angles = positions.float()[:, None] * rope_inv_freq(dim, theta, positions.device)   # [N, dim/2]
     angles = torch.cat([angles, angles], dim=-1)                 # [N, dim]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -161,8 +165,9 @@ decode_attention = decode_attention_ref  # generate.py swaps in the TileLang ker
 
 
 class Linear(nn.Linear):
-    """A block's projection: decode-sized calls go through `linear`'s kernel. (lm_head stays an
-    nn.Linear: cuBLAS reads it at 98% of copy speed.)"""
+    """A block's projection: decode-sized calls go through `linear`'s kernel. (MLP.gate_up_proj is
+    an nn.Linear that MLP.forward hands to linear(glu=True); lm_head stays an nn.Linear: cuBLAS
+    reads it at 98% of copy speed.)"""
     def forward(self, x):
         return linear(x, self.weight)
 
