@@ -95,6 +95,10 @@ class RMSNorm(nn.Module):
         """x [..., dim] -> normed; with residual: (norm(x + residual), x + residual), the add fused
         in. Flattened to 2-D: one compiled variant for every caller."""
         flat = x.reshape(-1, x.shape[-1])
+        if on_triton(flat) and self.weight.dtype == x.dtype:
+            h, s = rms_norm_kernel(flat, None if residual is None else residual.reshape(flat.shape), self.weight,
+                                   self.eps)
+            return h.view(x.shape) if residual is None else (h.view(x.shape), s.view(x.shape))
         if residual is None:
             return rms_norm(flat, self.weight, self.eps).view(x.shape)
         h, s = add_rms_norm(flat, residual.reshape(flat.shape), self.weight, self.eps)
@@ -105,6 +109,37 @@ class RMSNorm(nn.Module):
 def add_rms_norm(x, residual, weight, eps):
     x = x + residual
     return rms_norm(x, weight, eps), x
+
+
+def rms_norm_kernel(x, residual, weight, eps):
+    """rms_norm / add_rms_norm as one Triton kernel launched with PDL: x, residual [N, H] ->
+    (normed, x + residual or None)."""
+    N, H = x.shape
+    out = torch.empty_like(x)
+    s = torch.empty_like(x) if residual is not None else None
+    _rms_norm_kernel[(N,)](x, x if residual is None else residual, weight, out, out if s is None else s, H, eps,
+                           BH=triton.next_power_of_2(H), ADD=residual is not None, PDL=use_pdl(x),
+                           launch_pdl=use_pdl(x))
+    return out, s
+
+
+if triton is not None:
+    @triton.jit
+    def _rms_norm_kernel(x, res, w, out, s_out, H, eps, BH: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
+        """One program per row: rounded where add_rms_norm rounds (the sum to x's dtype, the normed
+        row to x's dtype before the weight)."""
+        if PDL:
+            wait_and_release()
+        r = tl.program_id(0).to(tl.int64) * H
+        c = tl.arange(0, BH)
+        DT = out.dtype.element_ty
+        v = tl.load(x + r + c, mask=c < H, other=0.0)
+        if ADD:
+            v = (v.to(tl.float32) + tl.load(res + r + c, mask=c < H, other=0.0).to(tl.float32)).to(DT)
+            tl.store(s_out + r + c, v, mask=c < H)
+        v = v.to(tl.float32)
+        v = (v * tl.rsqrt(tl.sum(v * v, 0) / H + eps)).to(DT).to(tl.float32)
+        tl.store(out + r + c, (tl.load(w + c, mask=c < H, other=0.0).to(tl.float32) * v).to(DT), mask=c < H)
 
 
 def rope_inv_freq(dim, theta, device):
@@ -195,15 +230,48 @@ def on_triton(x):
 
 
 LINEAR_ROWS = 16   # rows of one tl.dot tile: the kernel's batch limit
+PREFETCH_BYTES = 16 << 20   # of a weight, started toward L2 before a GEMM waits for its input (fits L2)
+
+
+@functools.cache
+def _sm90(device):
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def use_pdl(x):
+    """Programmatic dependent launch (sm_90+): this file's decode kernels launch while the kernel
+    before them still runs, wait for it (griddepcontrol.wait) before reading its output, then let
+    the kernel after them launch. A GEMM prefetches its weight while it waits."""
+    return x.is_cuda and _sm90(x.device)
+
 
 if triton is not None:
     @triton.jit
-    def _linear_kernel(x, w, out, M, N, K, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                       GLU: tl.constexpr):
+    def wait_and_release():
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def prefetch_l2(ptrs, nbytes):
+        """Start reading nbytes from each address in ptrs into L2 (sm_90's bulk prefetch); no result."""
+        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+                                  [ptrs, tl.zeros(ptrs.shape, tl.int32) + nbytes], dtype=tl.int32, is_pure=False,
+                                  pack=1)
+
+if triton is not None:
+    @triton.jit
+    def _linear_kernel(x, w, out, M, N, K, PF, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                       GLU: tl.constexpr, PDL: tl.constexpr):
         """One program per BN output columns: all M (<= 16) rows, the whole K, BK at a time. With GLU
         the columns n of the gate and N + n of the up projection, silu(gate) * up written."""
         m = tl.arange(0, 16)
         n = tl.program_id(0) * BN + tl.arange(0, BN)
+        if PDL:   # launched while the kernel before runs: start the first PF bytes of our weight rows toward L2
+            rows = w + tl.minimum(n, N - 1) * K
+            prefetch_l2(rows, PF)
+            if GLU:
+                prefetch_l2(rows + N * K, PF)
+            wait_and_release()                                           # x is the kernel before's output
         acc = tl.zeros([16, BN], tl.float32)
         acc_up = tl.zeros([16, BN], tl.float32)
         for k0 in range(0, K, BK):
@@ -233,9 +301,11 @@ def linear_kernel(x, w, glu=False):
     BK = BK // 2 if x.dtype == torch.float32 else BK   # float32 tiles: twice the shared memory a stage
     BN, N = (BN // 2, N // 2) if glu else (BN, N)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _linear_kernel[(triton.cdiv(N, BN),)](x.contiguous(), w.contiguous(), out, M, N, K, BN=BN, BK=BK,
+    pdl = use_pdl(x)
+    pf = min(K * x.element_size(), PREFETCH_BYTES // w.shape[0]) // 16 * 16
+    _linear_kernel[(triton.cdiv(N, BN),)](x.contiguous(), w.contiguous(), out, M, N, K, pf, BN=BN, BK=BK,
                                           PREC="ieee" if x.dtype == torch.float32 else "tf32", GLU=glu,
-                                          num_stages=stages)
+                                          PDL=pdl, num_stages=stages, launch_pdl=pdl)
     return out
 
 
@@ -297,8 +367,11 @@ def qk_norm_rope_torch(qkv, q_norm, k_norm, cos, sin, hq: int, hk: int, eps: flo
 if triton is not None:
     @triton.jit
     def _qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, q_out, qr_out, k_out, kr_out, k_pages, v_pages, slots,
-                             eps, Hq: tl.constexpr, Hk: tl.constexpr, D: tl.constexpr, WRITE: tl.constexpr):
+                             eps, Hq: tl.constexpr, Hk: tl.constexpr, D: tl.constexpr, WRITE: tl.constexpr,
+                             PDL: tl.constexpr):
         """One program per (token t, head j): j < Hq a query head, else key head j - Hq (and its value)."""
+        if PDL:
+            wait_and_release()
         t, j = tl.program_id(0).to(tl.int64), tl.program_id(1)
         DT = q_out.dtype.element_ty
         e = tl.arange(0, D // 2)                                         # RoPE turns pairs (e, e + D / 2)
@@ -343,7 +416,7 @@ def qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None
     write = k_pages is not None
     _qk_norm_rope_kernel[(N, hq + hk)](qkv, q_norm, k_norm, cos, sin, q, qr, k, kr, k_pages if write else k,
                                        v_pages if write else k, slots if write else qkv, eps, Hq=hq, Hk=hk, D=D,
-                                       WRITE=write)
+                                       WRITE=write, PDL=use_pdl(qkv), launch_pdl=use_pdl(qkv))
     return q, k, qr, kr, qkv.view(N, hq + 2 * hk, D)[:, hq + hk:]
 
 
