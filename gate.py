@@ -27,7 +27,10 @@ try:
 except ImportError:  # CPU-only installs pick blocks with PyTorch (pick_blocks)
     triton = None
 
-from model import RMSNorm, cos_sin, fused, rms_norm, rope_inv_freq, rotate
+from model import RMSNorm, cos_sin, fused, rms_norm, rope_inv_freq, rotate, use_pdl
+
+if triton is not None:
+    from model import wait_and_release
 
 SELECTORS = ("dense", "seer", "quest", "oracle", "window")
 GATE_EPS = 1e-6   # the gate's q/k RMSNorm epsilon
@@ -397,7 +400,9 @@ SCORE_BLK = 32    # blocks per scoring program (16 / 32 / 64 within 1 µs; H100,
 if triton is not None:
     @triton.jit
     def _seer_score_kernel(gq, gate_k, table, lengths, scores, NB, P, scale,
-                           Hk: tl.constexpr, DG: tl.constexpr, S: tl.constexpr, BLK: tl.constexpr):
+                           Hk: tl.constexpr, DG: tl.constexpr, S: tl.constexpr, BLK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            wait_and_release()
         c, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         j = c * BLK + tl.arange(0, BLK)
         length = tl.load(lengths + b)
@@ -411,7 +416,10 @@ if triton is not None:
 
     @triton.jit
     def _seer_pick_kernel(scores, lengths, out, read, total, NB, threshold, K, W, Hk: tl.constexpr,
-                          S: tl.constexpr, TOP_K: tl.constexpr, NB_P2: tl.constexpr, W_P2: tl.constexpr):
+                          S: tl.constexpr, TOP_K: tl.constexpr, NB_P2: tl.constexpr, W_P2: tl.constexpr,
+                          PDL: tl.constexpr):
+        if PDL:
+            wait_and_release()
         h, b = tl.program_id(0), tl.program_id(1)
         length = tl.load(lengths + b)
         cur = tl.maximum(length - 1, 0) // S                             # block of the new token
@@ -453,12 +461,14 @@ def seer_pick(gq, gate_k, table, lengths, S, k, threshold, read, total):
     out = torch.empty(B, Hk, W, dtype=torch.int32, device=gq.device)
     scale = 1.0 if k else 1.0 / math.sqrt(Dg)
     _seer_score_kernel[(triton.cdiv(NB, SCORE_BLK), Hk, B)](gq.contiguous(), gate_k, table, lengths, scores, NB,
-                                                              gate_k.shape[0], scale, Hk=Hk, DG=Dg, S=S, BLK=SCORE_BLK)
+                                                              gate_k.shape[0], scale, Hk=Hk, DG=Dg, S=S, BLK=SCORE_BLK,
+                                                              PDL=use_pdl(gq), launch_pdl=use_pdl(gq))
     nb_p2 = triton.next_power_of_2(NB)
     # one warp per 128 blocks, at most 4: batch 8, one warp 7.0 / 11.2 / 17.5 µs for both kernels at 128 / 512 /
     # 1024 blocks, four 8.5 / 10.5 / 12.9; the single kernel took 11.6 / 16.1 / 20.0 (H100, 2026-11-23)
     _seer_pick_kernel[(Hk, B)](scores, lengths, out, read, total, NB, threshold, k, W, Hk=Hk, S=S, TOP_K=k > 0,
-                               NB_P2=nb_p2, W_P2=triton.next_power_of_2(W), num_warps=min(4, max(1, nb_p2 // 128)))
+                               NB_P2=nb_p2, W_P2=triton.next_power_of_2(W), num_warps=min(4, max(1, nb_p2 // 128)),
+                               PDL=use_pdl(gq), launch_pdl=use_pdl(gq))
     return out
 
 
@@ -495,7 +505,10 @@ if triton is not None:
     @triton.jit
     def _seer_step_kernel(q, sq_b, x, sx_b, sx_h, positions, page, kmax, kmin, ksum, gate_k, gq, wq, qnorm, wk, knorm,
                           inv_freq, eps, B, Hk: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DG: tl.constexpr,
-                          S: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr, PREC: tl.constexpr):
+                          S: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr, PREC: tl.constexpr,
+                          PDL: tl.constexpr):
+        if PDL:
+            wait_and_release()
         h, t = tl.program_id(0), tl.program_id(1)
         WT = wk.dtype.element_ty
         b = t * R + tl.arange(0, R)                                      # [R] this program's sequences
@@ -566,5 +579,5 @@ def seer_step(q, x, positions, page, kmax, kmin, ksum, gate_k, gate):
         q, q.stride(0), x, x.stride(0), x.stride(1), positions.contiguous(), page.contiguous(), kmax, kmin, ksum,
         gate_k, gq, wq, gate.qnorm_weight if norm else wq, wk, gate.knorm_weight if norm else wk, _INV_FREQ[key],
         GATE_EPS, B, Hk=Hk, G=q.shape[1] // Hk, D=D, DG=Dg, S=gate.block_size, R=STEP_ROWS, HAS_NORM=norm,
-        PREC="ieee" if wq.dtype == torch.float32 else "tf32")
+        PREC="ieee" if wq.dtype == torch.float32 else "tf32", PDL=use_pdl(x), launch_pdl=use_pdl(x))
     return gq

@@ -263,6 +263,25 @@ def test_linear_kernel_matches_float64_and_serves_only_decode_sized_calls(N, K):
 
 
 @pytest.mark.skipif(M.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
+@pytest.mark.parametrize("H", [256, 2600])
+def test_rms_norm_kernel_matches_float64_with_and_without_the_residual_add(H):
+    """model.rms_norm_kernel (one program a row) against float64: (x + residual) / rms * weight, and
+    the sum it returns for the next layer's residual."""
+    torch.manual_seed(H)
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    for dtype, tol in [(torch.float32, 1e-5)] + [(torch.bfloat16, 1e-2)] * cuda:
+        x, res = (torch.randn(5, H, device=dev).to(dtype) for _ in range(2))
+        w = (1 + 0.3 * torch.randn(H, device=dev)).to(dtype)
+        for residual in (None, res):
+            out, s = M.rms_norm_kernel(x, residual, w, 1e-6)
+            s64 = x.double() + (0 if residual is None else residual.double())
+            want = w.double() * s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-6)
+            assert out.dtype == dtype and ((out.double() - want).norm() / want.norm()).item() < tol, (dtype, H)
+            assert s is None if residual is None else ((s.double() - s64).norm() / s64.norm()).item() < tol
+
+
+@pytest.mark.skipif(M.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
 @pytest.mark.parametrize("hq,hk,D", [(4, 2, 64), (6, 2, 128)])
 def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D):
     """model.qk_norm_rope_kernel (one Triton kernel: QK RMSNorm, RoPE, K and V into their page
@@ -541,20 +560,24 @@ def build(kernel, args, consts):
     sig = {**args, **{k: "constexpr" for k in consts}}
     triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
 build(GT._seer_score_kernel, dict(gq=ptr, gate_k=ptr, table="*i32", lengths="*i32", scores="*fp32", NB=i32,
-                                  P=i32, scale=f32), dict(Hk=8, DG=128, S=64, BLK=GT.SCORE_BLK))
+                                  P=i32, scale=f32), dict(Hk=8, DG=128, S=64, BLK=GT.SCORE_BLK, PDL=True))
 for top_k, nb in ((True, 512), (False, 2048)):   # Qwen3-8B shapes: Hk 8, block 64
     build(GT._seer_pick_kernel, dict(scores="*fp32", lengths="*i32", out="*i32", read="*fp64", total="*fp64",
                                      NB=i32, threshold=f32, K=i32, W=i32),
-          dict(Hk=8, S=64, TOP_K=top_k, NB_P2=nb, W_P2=128 if top_k else 4096))
+          dict(Hk=8, S=64, TOP_K=top_k, NB_P2=nb, W_P2=128 if top_k else 4096, PDL=True))
 build(GT._seer_step_kernel, dict(q=ptr, sq_b=i32, x=ptr, sx_b=i32, sx_h=i32, positions="*i64", page="*i64",
                                  kmax=ptr, kmin=ptr, ksum="*fp32", gate_k=ptr, gq=ptr, wq=ptr, qnorm=ptr, wk=ptr,
                                  knorm=ptr, inv_freq="*fp32", eps=f32, B=i32),
-      dict(Hk=8, G=4, D=128, DG=128, S=64, R=GT.STEP_ROWS, HAS_NORM=True, PREC="tf32"))
+      dict(Hk=8, G=4, D=128, DG=128, S=64, R=GT.STEP_ROWS, HAS_NORM=True, PREC="tf32", PDL=True))
 for glu in (False, True):
-    build(M._linear_kernel, dict(x=ptr, w=ptr, out=ptr, M=i32, N=i32, K=i32), dict(BN=32, BK=256, PREC="tf32", GLU=glu))
+    build(M._linear_kernel, dict(x=ptr, w=ptr, out=ptr, M=i32, N=i32, K=i32),
+          dict(BN=32, BK=256, PREC="tf32", GLU=glu, PDL=True))
 build(M._qk_norm_rope_kernel, dict(qkv=ptr, q_norm=ptr, k_norm=ptr, cos=ptr, sin=ptr, q_out=ptr, qr_out=ptr,
                                   k_out=ptr, kr_out=ptr, k_pages=ptr, v_pages=ptr, slots="*i64", eps=f32),
-      dict(Hq=32, Hk=8, D=128, WRITE=True))
+      dict(Hq=32, Hk=8, D=128, WRITE=True, PDL=True))
+for add in (False, True):
+    build(M._rms_norm_kernel, dict(x=ptr, res=ptr, w=ptr, out=ptr, s_out=ptr, H=i32, eps=f32),
+          dict(BH=4096, ADD=add, PDL=True))
 print("built")
 """
 
