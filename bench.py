@@ -190,13 +190,20 @@ PARTS = {"GEMMs": ("_linear_kernel", "gemm", "nvjet", "splitKreduce"), "attentio
 
 
 def kernel_profile(fn, layers, step_ms, top=16):
-    """One eager call of fn under torch.profiler -> lines: kernels per layer, their total time
-    against step_ms (a replayed step: the rest is launch gaps), that time split by PARTS, and
-    the kernels that take the most."""
+    """One eager call of fn under torch.profiler, without PDL (whose kernels start early and
+    wait, so their times overlap) -> lines: kernels per layer, their total time against step_ms
+    (a replayed step with PDL: the difference is launch gaps less PDL's overlap), that time
+    split by PARTS, and the kernels that take the most."""
+    import model as M
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
+    M.PDL = False
+    try:
+        fn()                                                 # compiles the kernels' non-PDL variants
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    finally:
+        M.PDL = True
     per = {}  # kernel name -> (launches, µs)
     for e in prof.events():
         if e.device_type.name == "CUDA":
@@ -206,8 +213,8 @@ def kernel_profile(fn, layers, step_ms, top=16):
     parts = dict.fromkeys(list(PARTS) + ["the rest"], 0.0)
     for name, (n, us) in per.items():
         parts[next((p for p, keys in PARTS.items() if any(k in name for k in keys)), "the rest")] += us
-    lines = [f"#   one eager step: {n_all / layers:.1f} kernels per layer, {us_all / 1e3:.2f} ms of kernel time "
-             f"(the replayed step's {step_ms:.2f} ms leave {step_ms - us_all / 1e3:.2f} ms of launch gaps)",
+    lines = [f"#   one eager step without PDL: {n_all / layers:.1f} kernels per layer, {us_all / 1e3:.2f} ms of kernel "
+             f"time (the replayed step with PDL, {step_ms:.2f} ms, is {step_ms - us_all / 1e3:+.2f} ms from it)",
              "#   by part, ms: " + ", ".join(f"{p} {us / 1e3:.2f}" for p, us in parts.items() if us)]
     for name, (n, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:top]:
         lines.append(f"#   {us / 1e3:7.3f} ms {n:5d}x {us / n:7.1f} µs  {name[:80]}")

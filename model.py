@@ -4,9 +4,10 @@ Follows Hugging Face's Qwen3 (SPEC §1): RMSNorm in float32, q_norm/k_norm per h
 before RoPE (rotate-half), GQA, SwiGLU MLP, tied or untied lm_head. Module names are
 Hugging Face's minus the leading "model.", except that q/k/v_proj and gate/up_proj are each
 one stacked weight (qkv_proj, gate_up_proj); from_pretrained / save_pretrained convert.
-On CUDA the small elementwise steps are compiled (`fused`), the q/k norms, RoPE and the
-K/V page writes are one Triton kernel (`qk_norm_rope`), and a decode step's projections
-another (`linear`).
+On CUDA the small elementwise steps are compiled (`fused`); at inference the RMSNorms are a
+Triton kernel (`rms_norm_kernel`), the q/k norms, RoPE and the K/V page writes another
+(`qk_norm_rope`), a decode step's projections another (`linear`), each launched so that it
+starts while the kernel before it ends (`use_pdl`).
 
 Shapes: B batch, T tokens, Hq/Hk query/KV heads, D head_dim, G = Hq // Hk,
 P pages in the pool, S page size (= gate block size), NB blocks of a sequence.
@@ -78,6 +79,40 @@ def fused(fn):
     return run
 
 
+def on_triton(x):
+    """Whether a call on x takes this file's Triton kernels: CUDA, triton installed, and no
+    autograd (the kernels have no backward)."""
+    return triton is not None and x.is_cuda and not torch.is_grad_enabled()
+
+
+@functools.cache
+def _sm90(device):
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+PDL = True   # False: every kernel launched plainly (bench.py --profile does, to time kernels apart)
+
+
+def use_pdl(x):
+    """Whether to launch the decode step's Triton kernels (here and in gate.py) with programmatic
+    dependent launch (sm_90+): each is started while the kernel before it still runs, and its
+    programs wait for that kernel's results (wait_and_release) before they read anything. With
+    the RMSNorms as a Triton kernel too, a Qwen3-8B decode step (H200, 32K) took 0.17-0.30 ms
+    less: batch 8 seer 4,096 6.57 -> 6.37 ms, dense 12.96 -> 12.79; batch 1 5.45 -> 5.15 and
+    5.72 -> 5.47. (The RMSNorm kernel alone timed as Inductor's; an L2 prefetch of each GEMM's
+    first weight columns before its wait made the step 0.25 ms slower.)"""
+    return PDL and x.is_cuda and _sm90(x.device)
+
+
+if triton is not None:
+    @triton.jit
+    def wait_and_release():
+        """First thing in a kernel launched with PDL: wait until the kernel before it has finished and
+        its writes are visible, then let the kernel after it launch (its programs wait the same way)."""
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 @fused
 def rms_norm(x, weight, eps):
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -93,7 +128,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x, residual=None):
         """x [..., dim] -> normed; with residual: (norm(x + residual), x + residual), the add fused
-        in. Flattened to 2-D: one compiled variant for every caller."""
+        in. Flattened to 2-D: one Triton kernel (CUDA, no autograd) or one compiled variant for
+        every caller."""
         flat = x.reshape(-1, x.shape[-1])
         if on_triton(flat) and self.weight.dtype == x.dtype:
             h, s = rms_norm_kernel(flat, None if residual is None else residual.reshape(flat.shape), self.weight,
@@ -115,11 +151,12 @@ def rms_norm_kernel(x, residual, weight, eps):
     """rms_norm / add_rms_norm as one Triton kernel launched with PDL: x, residual [N, H] ->
     (normed, x + residual or None)."""
     N, H = x.shape
+    add = residual is not None
+    x, residual = x.contiguous(), (residual if add else x).contiguous()
     out = torch.empty_like(x)
-    s = torch.empty_like(x) if residual is not None else None
-    _rms_norm_kernel[(N,)](x, x if residual is None else residual, weight, out, out if s is None else s, H, eps,
-                           BH=triton.next_power_of_2(H), ADD=residual is not None, PDL=use_pdl(x),
-                           launch_pdl=use_pdl(x))
+    s = torch.empty_like(x) if add else None
+    _rms_norm_kernel[(N,)](x, residual, weight, out, s if add else out, H, eps, BH=triton.next_power_of_2(H), ADD=add,
+                           PDL=use_pdl(x), launch_pdl=use_pdl(x))
     return out, s
 
 
@@ -223,36 +260,7 @@ def linear(x, w, glu=False):
     return linear_kernel(x.reshape(rows, K), w, glu).view(*x.shape[:-1], N // 2 if glu else N)
 
 
-def on_triton(x):
-    """Whether a call on x takes this file's Triton kernels: CUDA, triton installed, and no
-    autograd (the kernels have no backward)."""
-    return triton is not None and x.is_cuda and not torch.is_grad_enabled()
-
-
 LINEAR_ROWS = 16   # rows of one tl.dot tile: the kernel's batch limit
-
-
-@functools.cache
-def _sm90(device):
-    return torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def use_pdl(x):
-    """Whether to launch the decode step's Triton kernels (here and in gate.py) with programmatic
-    dependent launch (sm_90+): each is started while the kernel before it still runs, and its
-    programs wait for that kernel's results (wait_and_release) before they read anything. A
-    Qwen3-8B decode step (H200, batch 8 / 1 x 32K) took 0.12-0.16 ms less, seer and dense. An L2
-    prefetch of each GEMM's first weight columns before the wait made it 0.25 ms slower."""
-    return x.is_cuda and _sm90(x.device)
-
-
-if triton is not None:
-    @triton.jit
-    def wait_and_release():
-        """First thing in a kernel launched with PDL: wait until the kernel before it has finished and
-        its writes are visible, then let the kernel after it launch (its programs wait the same way)."""
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
 
 if triton is not None:
     @triton.jit
