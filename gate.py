@@ -27,7 +27,7 @@ try:
 except ImportError:  # CPU-only installs pick blocks with PyTorch (pick_blocks)
     triton = None
 
-from model import RMSNorm, cos_sin, fused, rms_norm, rope_inv_freq, rotate, use_pdl
+from model import RMSNorm, cos_sin, fused, rms_norm, pdl_launch, rope_inv_freq, rotate
 
 if triton is not None:
     from model import wait_and_release
@@ -462,13 +462,13 @@ def seer_pick(gq, gate_k, table, lengths, S, k, threshold, read, total):
     scale = 1.0 if k else 1.0 / math.sqrt(Dg)
     _seer_score_kernel[(triton.cdiv(NB, SCORE_BLK), Hk, B)](gq.contiguous(), gate_k, table, lengths, scores, NB,
                                                               gate_k.shape[0], scale, Hk=Hk, DG=Dg, S=S, BLK=SCORE_BLK,
-                                                              PDL=use_pdl(gq), launch_pdl=use_pdl(gq))
+                                                              **pdl_launch(gq))
     nb_p2 = triton.next_power_of_2(NB)
     # one warp per 128 blocks, at most 4: batch 8, one warp 7.0 / 11.2 / 17.5 µs for both kernels at 128 / 512 /
     # 1024 blocks, four 8.5 / 10.5 / 12.9; the single kernel took 11.6 / 16.1 / 20.0 (H100, 2026-11-23)
     _seer_pick_kernel[(Hk, B)](scores, lengths, out, read, total, NB, threshold, k, W, Hk=Hk, S=S, TOP_K=k > 0,
                                NB_P2=nb_p2, W_P2=triton.next_power_of_2(W), num_warps=min(4, max(1, nb_p2 // 128)),
-                               PDL=use_pdl(gq), launch_pdl=use_pdl(gq))
+                               **pdl_launch(gq))
     return out
 
 
@@ -579,5 +579,5 @@ def seer_step(q, x, positions, page, kmax, kmin, ksum, gate_k, gate):
         q, q.stride(0), x, x.stride(0), x.stride(1), positions.contiguous(), page.contiguous(), kmax, kmin, ksum,
         gate_k, gq, wq, gate.qnorm_weight if norm else wq, wk, gate.knorm_weight if norm else wk, _INV_FREQ[key],
         GATE_EPS, B, Hk=Hk, G=q.shape[1] // Hk, D=D, DG=Dg, S=gate.block_size, R=STEP_ROWS, HAS_NORM=norm,
-        PREC="ieee" if wq.dtype == torch.float32 else "tf32", PDL=use_pdl(x), launch_pdl=use_pdl(x))
+        PREC="ieee" if wq.dtype == torch.float32 else "tf32", **pdl_launch(x))
     return gq

@@ -7,7 +7,7 @@ one stacked weight (qkv_proj, gate_up_proj); from_pretrained / save_pretrained c
 On CUDA the small elementwise steps are compiled (`fused`); at inference the RMSNorms are a
 Triton kernel (`rms_norm_kernel`), the q/k norms, RoPE and the K/V page writes another
 (`qk_norm_rope`), a decode step's projections another (`linear`), each launched so that it
-starts while the kernel before it ends (`use_pdl`).
+starts while the kernel before it ends (`pdl_launch`).
 
 Shapes: B batch, T tokens, Hq/Hk query/KV heads, D head_dim, G = Hq // Hk,
 P pages in the pool, S page size (= gate block size), NB blocks of a sequence.
@@ -93,15 +93,17 @@ def _sm90(device):
 PDL = True   # False: every kernel launched plainly (bench.py --profile does, to time kernels apart)
 
 
-def use_pdl(x):
-    """Whether to launch the decode step's Triton kernels (here and in gate.py) with programmatic
-    dependent launch (sm_90+): each is started while the kernel before it still runs, and its
-    programs wait for that kernel's results (wait_and_release) before they read anything. With
-    the RMSNorms as a Triton kernel too, a Qwen3-8B decode step (H200, 32K) took 0.17-0.30 ms
-    less: batch 8 seer 4,096 6.57 -> 6.37 ms, dense 12.96 -> 12.79; batch 1 5.45 -> 5.15 and
-    5.72 -> 5.47. (The RMSNorm kernel alone timed as Inductor's; an L2 prefetch of each GEMM's
-    first weight columns before its wait made the step 0.25 ms slower.)"""
-    return PDL and x.is_cuda and _sm90(x.device)
+def pdl_launch(x):
+    """Keyword arguments that launch a decode step's Triton kernel (here and in gate.py) on x's
+    device with programmatic dependent launch where it can (sm_90+, PDL on): the kernel starts
+    while the one before it still runs, and its programs wait for that kernel's results
+    (wait_and_release) before they read anything. With the RMSNorms as a Triton kernel too, a
+    Qwen3-8B decode step (H200, 32K) took 0.17-0.30 ms less: batch 8 seer 4,096 6.57 -> 6.37
+    ms, dense 12.96 -> 12.79; batch 1 5.45 -> 5.15 and 5.72 -> 5.47. (The RMSNorm kernel alone
+    timed as Inductor's; an L2 prefetch of each GEMM's first weight columns before its wait
+    made the step 0.25 ms slower.)"""
+    on = PDL and x.is_cuda and _sm90(x.device)
+    return dict(PDL=on, launch_pdl=on)
 
 
 if triton is not None:
@@ -148,15 +150,15 @@ def add_rms_norm(x, residual, weight, eps):
 
 
 def rms_norm_kernel(x, residual, weight, eps):
-    """rms_norm / add_rms_norm as one Triton kernel launched with PDL: x, residual [N, H] ->
-    (normed, x + residual or None)."""
+    """rms_norm / add_rms_norm as one Triton kernel: x, residual [N, H] -> (normed, x + residual
+    or None)."""
     N, H = x.shape
     add = residual is not None
     x, residual = x.contiguous(), (residual if add else x).contiguous()
     out = torch.empty_like(x)
     s = torch.empty_like(x) if add else None
     _rms_norm_kernel[(N,)](x, residual, weight, out, s if add else out, H, eps, BH=triton.next_power_of_2(H), ADD=add,
-                           PDL=use_pdl(x), launch_pdl=use_pdl(x))
+                           **pdl_launch(x))
     return out, s
 
 
@@ -301,10 +303,9 @@ def linear_kernel(x, w, glu=False):
     BK = BK // 2 if x.dtype == torch.float32 else BK   # float32 tiles: twice the shared memory a stage
     BN, N = (BN // 2, N // 2) if glu else (BN, N)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    pdl = use_pdl(x)
     _linear_kernel[(triton.cdiv(N, BN),)](x.contiguous(), w.contiguous(), out, M, N, K, BN=BN, BK=BK,
                                           PREC="ieee" if x.dtype == torch.float32 else "tf32", GLU=glu,
-                                          PDL=pdl, num_stages=stages, launch_pdl=pdl)
+                                          num_stages=stages, **pdl_launch(x))
     return out
 
 
@@ -415,7 +416,7 @@ def qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None
     write = k_pages is not None
     _qk_norm_rope_kernel[(N, hq + hk)](qkv, q_norm, k_norm, cos, sin, q, qr, k, kr, k_pages if write else k,
                                        v_pages if write else k, slots if write else qkv, eps, Hq=hq, Hk=hk, D=D,
-                                       WRITE=write, PDL=use_pdl(qkv), launch_pdl=use_pdl(qkv))
+                                       WRITE=write, **pdl_launch(qkv))
     return q, k, qr, kr, qkv.view(N, hq + 2 * hk, D)[:, hq + hk:]
 
 
