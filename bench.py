@@ -366,8 +366,9 @@ def main():
                    help="transformers baselines as shape:batch:context (none: skip)")
     e.add_argument("--hf-steps", type=int, default=32, help="decode steps timed for transformers")
     e.add_argument("--profile", action="store_true",
-                   help="after each row, the kernels of one eager decode step (torch.profiler): kernels per "
-                        "layer, their time against the replayed step's (the rest is launch gaps), split into "
+                   help="after each row, the kernels of one eager decode step without PDL (torch.profiler): "
+                        "kernels per layer, their time against the replayed step's (with PDL: the difference is "
+                        "launch gaps less PDL's overlap), split into "
                         "GEMMs / attention / seer's kernels / the rest, and the 16 kernels that take the most "
                         "(every per-layer kernel at Qwen3 shapes)")
     args = parser.parse_args()
