@@ -133,14 +133,14 @@ class RMSNorm(nn.Module):
         in. Flattened to 2-D: one Triton kernel (CUDA, no autograd) or one compiled variant for
         every caller."""
         flat = x.reshape(-1, x.shape[-1])
+        res = None if residual is None else residual.reshape(flat.shape)
         if on_triton(flat) and self.weight.dtype == x.dtype:
-            h, s = rms_norm_kernel(flat, None if residual is None else residual.reshape(flat.shape), self.weight,
-                                   self.eps)
-            return h.view(x.shape) if residual is None else (h.view(x.shape), s.view(x.shape))
-        if residual is None:
-            return rms_norm(flat, self.weight, self.eps).view(x.shape)
-        h, s = add_rms_norm(flat, residual.reshape(flat.shape), self.weight, self.eps)
-        return h.view(x.shape), s.view(x.shape)
+            h, s = rms_norm_kernel(flat, res, self.weight, self.eps)
+        elif res is None:
+            h, s = rms_norm(flat, self.weight, self.eps), None
+        else:
+            h, s = add_rms_norm(flat, res, self.weight, self.eps)
+        return h.view(x.shape) if s is None else (h.view(x.shape), s.view(x.shape))
 
 
 @fused
