@@ -268,10 +268,10 @@ class Selector:
         if self.attn == "seer":
             gate = self.model.layers[layer].self_attn.attn_gate
             stats = [cache.pooled[n][layer] for n in ("kmax", "kmin", "ksum", "gate_k")]
-            if use_triton(q, gate):   # three kernels: pooled keys + gate query, scores, picks
-                gq = seer_step(q, k, step.positions, step.pages, *stats, gate)
-                return seer_pick(gq, stats[3], step.block_table, step.lengths, S, k_top, self.threshold or 0.0,
-                                 self.read, self.total)
+            if use_triton(q, gate):   # three kernels: gate-query shares + pooled keys, scores, picks
+                shares = seer_step(q, k, step.positions, step.pages, *stats, gate)
+                return seer_pick(shares, step.positions, gate, stats[3], step.block_table, step.lengths, S, k_top,
+                                 self.threshold or 0.0, self.read, self.total)
             seer_pool_step(k, step.positions, step.pages, cache.scratch, *stats, gate.attngate_linear_k.weight,
                            gate.knorm_weight, S, gate.rope_theta)
             score = seer_scores(q, step.positions, gate.attngate_linear_q.weight, gate.qnorm_weight,
@@ -384,35 +384,159 @@ def use_triton(x, gate):
     return triton is not None and x.is_cuda and all(n & (n - 1) == 0 for n in (x.shape[-1], gate.dg))
 
 
+# ---- seer's per-step gate work in one kernel (CUDA) ----
+# Compiled, seer_pool_step is still ~7 kernels per layer (gathers of the running stats, their
+# writes, the gate-key GEMM, norm and RoPE, the scatter to the scratch page) and the gate
+# query ~7 more (the einsum's permutes and batched GEMM, norm, RoPE). Here one program per
+# (query head j, STEP_ROWS sequences) multiplies the head's queries by its slice Wq[j] [D, Dg]
+# on the tensor cores (reading Wq[j] once for all its rows) and writes the float32 product: the
+# head's share of its group's gate query. The scoring kernel below sums a group's shares and
+# does the norm and RoPE. The programs of heads j < Hk also fold KV head j's new keys into
+# their pages' max / min / sum and, when a key fills its page, make the gate key as
+# AttnGate.key does (rounding where PyTorch rounds). The dots take float32 in tf32, which holds
+# bf16 / fp16 products exactly (and Triton's CPU interpreter cannot dot bf16).
+# Spread this wide, the kernel is short. One program per KV head, projecting and finishing the
+# whole group's gate query, took 10 µs per layer at batch 8 (Qwen3-8B gate, H200): a Qwen3-8B
+# batch 8 x 32K decode step ran 6.38 ms with it and 6.00 with no kernel there at all.
+
+STEP_ROWS = 16    # sequences per program: tl.dot's smallest tile
+
+if triton is not None:
+    @triton.jit
+    def _norm_rope(lo, hi, pos, norm, inv_freq, eps, e, WT: tl.constexpr, DG: tl.constexpr, HAS_NORM: tl.constexpr):
+        """Gate vectors' two halves lo, hi [R, DG / 2] (float32 sums of the projection) -> rounded to WT as
+        PyTorch's matmul rounds, RMS-normed, RoPE at pos [R] (float32, not rounded)."""
+        lo, hi = lo.to(WT).to(tl.float32), hi.to(WT).to(tl.float32)
+        if HAS_NORM:
+            r = tl.rsqrt((tl.sum(lo * lo, 1) + tl.sum(hi * hi, 1)) / DG + eps)[:, None]
+            lo = ((lo * r).to(WT).to(tl.float32) * tl.load(norm + e).to(tl.float32)[None, :]).to(WT).to(tl.float32)
+            hi = ((hi * r).to(WT).to(tl.float32) * tl.load(norm + DG // 2 + e).to(tl.float32)[None, :])
+            hi = hi.to(WT).to(tl.float32)
+        angle = pos.to(tl.float32)[:, None] * tl.load(inv_freq + e)[None, :]
+        cos = tl.cos(angle).to(WT).to(tl.float32)
+        sin = tl.sin(angle).to(WT).to(tl.float32)
+        return lo * cos - hi * sin, hi * cos + lo * sin
+
+    @triton.jit
+    def _seer_step_kernel(q, sq_b, x, sx_b, sx_h, positions, page, kmax, kmin, ksum, gate_k, shares, wq, wk, knorm,
+                          inv_freq, eps, B, Hq: tl.constexpr, Hk: tl.constexpr, D: tl.constexpr, DG: tl.constexpr,
+                          S: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr, PREC: tl.constexpr,
+                          PDL: tl.constexpr):
+        if PDL:
+            wait_and_release()
+        j, t = tl.program_id(0), tl.program_id(1)
+        WT = wk.dtype.element_ty
+        b = t * R + tl.arange(0, R)                                      # [R] this program's sequences
+        live = b < B
+        d = tl.arange(0, D)
+        n = tl.arange(0, DG)
+        # query head j's share of its group's gate query: q[b, j] @ Wq[j]  [R, Dg]
+        qj = tl.load(q + b[:, None] * sq_b + j * D + d[None, :], mask=live[:, None], other=0.0)
+        wj = tl.load(wq + (j * D + d[:, None]) * DG + n[None, :]).to(tl.float32)   # [D, Dg]
+        share = tl.dot(qj.to(WT).to(tl.float32), wj, input_precision=PREC)
+        tl.store(shares + (b[:, None] * Hq + j) * DG + n[None, :], share, mask=live[:, None])
+        if j < Hk:
+            # KV head j's new keys into their pages' running max / min (in float32: exact for bf16 / fp16,
+            # and Triton's CPU interpreter compares bf16 as raw bits) and sum
+            pos = tl.load(positions + b, mask=live, other=0)
+            pg = tl.load(page + b, mask=live, other=0).to(tl.int64)
+            off = pos % S
+            xv = tl.load(x + b[:, None] * sx_b + j * sx_h + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+            at = (pg[:, None] * Hk + j) * D + d[None, :]                  # [R, D]
+            first = (off == 0)[:, None]
+            new_max = tl.where(first, xv, tl.maximum(tl.load(kmax + at, mask=live[:, None]).to(tl.float32), xv))
+            new_min = tl.where(first, xv, tl.minimum(tl.load(kmin + at, mask=live[:, None]).to(tl.float32), xv))
+            new_sum = tl.where(first, 0.0, tl.load(ksum + at, mask=live[:, None])) + xv
+            tl.store(kmax + at, new_max.to(kmax.dtype.element_ty), mask=live[:, None])
+            tl.store(kmin + at, new_min.to(kmin.dtype.element_ty), mask=live[:, None])
+            tl.store(ksum + at, new_sum, mask=live[:, None])
+            full = live & (off == S - 1)
+            if tl.sum(full.to(tl.int32), 0) > 0:   # a page filled: its gate key [max | min | avg] @ Wk[j], norm, RoPE
+                avg = (new_sum / S).to(WT).to(tl.float32)
+                e = tl.arange(0, DG // 2)
+                lo = tl.zeros([R, DG // 2], tl.float32)
+                hi = tl.zeros([R, DG // 2], tl.float32)
+                for c in tl.static_range(3):   # the max, min, avg rows of Wk[j]
+                    part = new_max if c == 0 else (new_min if c == 1 else avg)
+                    w = wk + (j * 3 * D + c * D + d[:, None]) * DG + e[None, :]   # [D, Dg / 2]
+                    lo = tl.dot(part, tl.load(w).to(tl.float32), lo, input_precision=PREC)
+                    hi = tl.dot(part, tl.load(w + DG // 2).to(tl.float32), hi, input_precision=PREC)
+                lo, hi = _norm_rope(lo, hi, pos - off, knorm, inv_freq, eps, e, WT, DG, HAS_NORM)
+                out = gate_k + (pg[:, None] * Hk + j) * DG + e[None, :]
+                tl.store(out, lo, mask=full[:, None])
+                tl.store(out + DG // 2, hi, mask=full[:, None])
+
+
+_INV_FREQ = {}   # (Dg, theta, device) -> rope_inv_freq, made once (not in the step's graph)
+
+
+def inv_freq(gate, device):
+    key = (gate.dg, gate.rope_theta, device)
+    if key not in _INV_FREQ:
+        _INV_FREQ[key] = rope_inv_freq(gate.dg, gate.rope_theta, device)
+    return _INV_FREQ[key]
+
+
+def seer_step(q, x, positions, page, kmax, kmin, ksum, gate_k, gate):
+    """The kernel's take on gate_query's projection + seer_pool_step: q [B, Hq, D] and the new keys
+    x [B, Hk, D] (pre-RoPE) -> shares [B, Hq, Dg] float32, q[b, j] @ Wq[j] (a group's sum, normed and
+    turned, is its gate query: seer_pick does that); kmax / kmin / ksum / gate_k (one layer's, by
+    page) updated in place."""
+    B, Hq, D = q.shape
+    Hk, Dg = x.shape[1], gate_k.shape[-1]
+    x = x if x.stride(2) == 1 else x.contiguous()      # rows and heads may be strided, channels not
+    q = q if q.stride(2) == 1 and q.stride(1) == D else q.contiguous()
+    wq, wk = gate.attngate_linear_q.weight, gate.attngate_linear_k.weight
+    shares = torch.empty(B, Hq, Dg, dtype=torch.float32, device=x.device)
+    norm = gate.knorm_weight is not None
+    _seer_step_kernel[(Hq, triton.cdiv(B, STEP_ROWS))](
+        q, q.stride(0), x, x.stride(0), x.stride(1), positions.contiguous(), page.contiguous(), kmax, kmin, ksum,
+        gate_k, shares, wq, wk, gate.knorm_weight if norm else wk, inv_freq(gate, x.device), GATE_EPS, B, Hq=Hq,
+        Hk=Hk, D=D, DG=Dg, S=gate.block_size, R=STEP_ROWS, HAS_NORM=norm,
+        PREC="ieee" if wq.dtype == torch.float32 else "tf32", **pdl_launch(x))
+    return shares
+
+
 # ---- seer's scores + top-k in two kernels (CUDA) ----
 # Compiled, seer_scores + pick_blocks are ~6 kernels per layer (the gather-and-dot, a masked
 # fill, torch.topk's two passes and sort, the id and token-count writes): ~48 µs per layer at
 # batch 8 x 32K on an H100. Here the scoring is spread wide (one program per SCORE_BLK blocks
-# of a (sequence, KV head) row: gathers their gate keys through the page table, dots them with
-# the gate query) and the picking is one small program per row that keeps the row's scores in
-# registers, finds the k-th largest by a bitwise search (32 counts over the row), writes the
-# chosen ids in block order and the new token's block, and adds the tokens read to the
-# counters. The search is 32 dependent reductions: cheap within a few warps, dear across the
-# 16 that the scoring wants, which is why the two are apart.
+# of a (sequence, KV head) row: makes the row's gate query from seer_step's shares, gathers
+# the blocks' gate keys through the page table, dots them with it) and the picking is one
+# small program per row that keeps the row's scores in registers, finds the k-th largest by a
+# bitwise search (32 counts over the row), writes the chosen ids in block order and the new
+# token's block, and adds the tokens read to the counters. The search is 32 dependent
+# reductions: cheap within a few warps, dear across the 16 that the scoring wants, which is
+# why the two are apart.
 
 SCORE_BLK = 32    # blocks per scoring program (16 / 32 / 64 within 1 µs; H100, 2026-11-23)
 
 if triton is not None:
     @triton.jit
-    def _seer_score_kernel(gq, gate_k, table, lengths, scores, NB, P, scale,
-                           Hk: tl.constexpr, DG: tl.constexpr, S: tl.constexpr, BLK: tl.constexpr, PDL: tl.constexpr):
+    def _seer_score_kernel(shares, positions, qnorm, inv_freq, eps, gate_k, table, lengths, scores, NB, P, scale,
+                           Hk: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, DG: tl.constexpr, S: tl.constexpr,
+                           BLK: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr):
         if PDL:
             wait_and_release()
         c, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        WT = qnorm.dtype.element_ty
         j = c * BLK + tl.arange(0, BLK)
         length = tl.load(lengths + b)
         page = tl.load(table + b * NB + j, mask=j < NB, other=0)          # (not waiting for the length)
         page = tl.minimum(tl.maximum(page, 0), P - 1).to(tl.int64)
         valid = j < tl.minimum(tl.maximum(length - 1, 0) // S, NB)       # complete blocks before the new token
-        d = tl.arange(0, DG)
-        q = tl.load(gq + (b * Hk + h) * DG + d).to(tl.float32)
-        k = tl.load(gate_k + (page[:, None] * Hk + h) * DG + d[None, :], mask=valid[:, None], other=0.0)
-        tl.store(scores + (b * Hk + h) * NB + j, tl.sum(k.to(tl.float32) * q[None, :], 1) * scale, mask=j < NB)
+        # the gate query [1, Dg / 2] x 2: the group's G shares summed, normed, RoPE at the token, rounded
+        g = tl.arange(0, G_P2)[:, None]
+        e = tl.arange(0, DG // 2)
+        at = shares + ((b * Hk + h) * G + g) * DG + e[None, :]           # [G_P2, Dg / 2]
+        lo = tl.sum(tl.load(at, mask=g < G, other=0.0), 0)[None, :]
+        hi = tl.sum(tl.load(at + DG // 2, mask=g < G, other=0.0), 0)[None, :]
+        lo, hi = _norm_rope(lo, hi, tl.load(positions + b + tl.arange(0, 1)), qnorm, inv_freq, eps, e, WT, DG,
+                            HAS_NORM)
+        k = gate_k + (page[:, None] * Hk + h) * DG + e[None, :]          # [BLK, Dg / 2]
+        s = tl.sum(tl.load(k, mask=valid[:, None], other=0.0).to(tl.float32) * lo.to(WT).to(tl.float32), 1)
+        s += tl.sum(tl.load(k + DG // 2, mask=valid[:, None], other=0.0).to(tl.float32) * hi.to(WT).to(tl.float32), 1)
+        tl.store(scores + (b * Hk + h) * NB + j, s * scale, mask=j < NB)
 
     @triton.jit
     def _seer_pick_kernel(scores, lengths, out, read, total, NB, threshold, K, W, Hk: tl.constexpr,
@@ -450,134 +574,29 @@ if triton is not None:
         tl.atomic_add(total, length.to(tl.float64), mask=real)
 
 
-def seer_pick(gq, gate_k, table, lengths, S, k, threshold, read, total):
-    """The kernels' take on seer_scores + pick_blocks: gq [B, Hk, Dg] gate queries, gate_k [P, Hk, Dg]
-    -> blocks [B, Hk, k + 1] (or [B, Hk, NB + 1] with k == 0 and a threshold), -1 padded."""
-    B, Hk, Dg = gq.shape
-    NB = table.shape[1]
+def seer_pick(shares, positions, gate, gate_k, table, lengths, S, k, threshold, read, total):
+    """The kernels' take on seer_scores + pick_blocks: shares [B, Hq, Dg] (seer_step's), positions [B]
+    of the new tokens, gate_k [P, Hk, Dg] -> blocks [B, Hk, k + 1] (or [B, Hk, NB + 1] with k == 0 and
+    a threshold), -1 padded."""
+    B, Hq, Dg = shares.shape
+    Hk, NB = gate_k.shape[1], table.shape[1]
     W = k + 1 if k else NB + 1
     table, lengths = table.contiguous(), lengths.contiguous()
-    scores = torch.empty(B, Hk, NB, dtype=torch.float32, device=gq.device)
-    out = torch.empty(B, Hk, W, dtype=torch.int32, device=gq.device)
+    scores = torch.empty(B, Hk, NB, dtype=torch.float32, device=shares.device)
+    out = torch.empty(B, Hk, W, dtype=torch.int32, device=shares.device)
     scale = 1.0 if k else 1.0 / math.sqrt(Dg)
-    _seer_score_kernel[(triton.cdiv(NB, SCORE_BLK), Hk, B)](gq.contiguous(), gate_k, table, lengths, scores, NB,
-                                                              gate_k.shape[0], scale, Hk=Hk, DG=Dg, S=S, BLK=SCORE_BLK,
-                                                              **pdl_launch(gq))
+    norm = gate.qnorm_weight
+    _seer_score_kernel[(triton.cdiv(NB, SCORE_BLK), Hk, B)](
+        shares.contiguous(), positions.contiguous(), gate.attngate_linear_q.weight if norm is None else norm,
+        inv_freq(gate, shares.device), GATE_EPS, gate_k, table, lengths, scores, NB, gate_k.shape[0], scale, Hk=Hk,
+        G=Hq // Hk, G_P2=triton.next_power_of_2(Hq // Hk), DG=Dg, S=S, BLK=SCORE_BLK, HAS_NORM=norm is not None,
+        **pdl_launch(shares))
     nb_p2 = triton.next_power_of_2(NB)
     # one warp per 128 blocks, at most 4: batch 8, one warp 7.0 / 11.2 / 17.5 µs for both kernels at 128 / 512 /
     # 1024 blocks, four 8.5 / 10.5 / 12.9; the single kernel took 11.6 / 16.1 / 20.0 (H100, 2026-11-23)
     _seer_pick_kernel[(Hk, B)](scores, lengths, out, read, total, NB, threshold, k, W, Hk=Hk, S=S, TOP_K=k > 0,
                                NB_P2=nb_p2, W_P2=triton.next_power_of_2(W), num_warps=min(4, max(1, nb_p2 // 128)),
-                               **pdl_launch(gq))
+                               **pdl_launch(shares))
     return out
 
 
-# ---- seer's per-step gate work in one kernel (CUDA) ----
-# Compiled, seer_pool_step is still ~7 kernels per layer (gathers of the running stats, their
-# writes, the gate-key GEMM, norm and RoPE, the scatter to the scratch page) and the gate
-# query ~7 more (the einsum's permutes and batched GEMM, norm, RoPE). Here one program per
-# (KV head, STEP_ROWS sequences) makes the gate queries from the group's query heads on the
-# tensor cores (reading Wq[h] once for all its rows), folds the new keys into their pages'
-# max / min / sum and, when a key fills its page, makes the gate key as AttnGate.key does
-# (rounding where PyTorch rounds). The dots take float32 in tf32, which holds bf16 / fp16
-# products exactly (and Triton's CPU interpreter cannot dot bf16). At batch 8 (Qwen3-8B gate,
-# inside a whole decode step, H200) this took seer_step from 13.3 to 10.3 µs per layer; one
-# program per (KV head, sequence) had read Wq[h] once per sequence. 8 warps timed as 4.
-
-STEP_ROWS = 16    # sequences per program: tl.dot's smallest tile
-
-if triton is not None:
-    @triton.jit
-    def _norm_rope(lo, hi, pos, norm, inv_freq, eps, e, WT: tl.constexpr, DG: tl.constexpr, HAS_NORM: tl.constexpr):
-        """Gate vectors' two halves lo, hi [R, DG / 2] (float32 sums of the projection) -> rounded to WT as
-        PyTorch's matmul rounds, RMS-normed, RoPE at pos [R]."""
-        lo, hi = lo.to(WT).to(tl.float32), hi.to(WT).to(tl.float32)
-        if HAS_NORM:
-            r = tl.rsqrt((tl.sum(lo * lo, 1) + tl.sum(hi * hi, 1)) / DG + eps)[:, None]
-            lo = ((lo * r).to(WT).to(tl.float32) * tl.load(norm + e).to(tl.float32)[None, :]).to(WT).to(tl.float32)
-            hi = ((hi * r).to(WT).to(tl.float32) * tl.load(norm + DG // 2 + e).to(tl.float32)[None, :])
-            hi = hi.to(WT).to(tl.float32)
-        angle = pos.to(tl.float32)[:, None] * tl.load(inv_freq + e)[None, :]
-        cos = tl.cos(angle).to(WT).to(tl.float32)
-        sin = tl.sin(angle).to(WT).to(tl.float32)
-        return lo * cos - hi * sin, hi * cos + lo * sin
-
-    @triton.jit
-    def _seer_step_kernel(q, sq_b, x, sx_b, sx_h, positions, page, kmax, kmin, ksum, gate_k, gq, wq, qnorm, wk, knorm,
-                          inv_freq, eps, B, Hk: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DG: tl.constexpr,
-                          S: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr, PREC: tl.constexpr,
-                          PDL: tl.constexpr):
-        if PDL:
-            wait_and_release()
-        h, t = tl.program_id(0), tl.program_id(1)
-        WT = wk.dtype.element_ty
-        b = t * R + tl.arange(0, R)                                      # [R] this program's sequences
-        live = b < B
-        pos = tl.load(positions + b, mask=live, other=0)
-        pg = tl.load(page + b, mask=live, other=0).to(tl.int64)
-        off = pos % S
-        d = tl.arange(0, D)
-        e = tl.arange(0, DG // 2)
-        # gate queries [R, Dg]: sum over the group's heads g of q[b, h*G + g] @ Wq[h, g], the halves apart (RoPE)
-        lo = tl.zeros([R, DG // 2], tl.float32)
-        hi = tl.zeros([R, DG // 2], tl.float32)
-        for g in range(G):
-            qg = tl.load(q + b[:, None] * sq_b + (h * G + g) * D + d[None, :], mask=live[:, None], other=0.0)
-            w = wq + ((h * G + g) * D + d[:, None]) * DG + e[None, :]   # [D, Dg / 2]
-            qg = qg.to(WT).to(tl.float32)
-            lo = tl.dot(qg, tl.load(w).to(tl.float32), lo, input_precision=PREC)
-            hi = tl.dot(qg, tl.load(w + DG // 2).to(tl.float32), hi, input_precision=PREC)
-        lo, hi = _norm_rope(lo, hi, pos, qnorm, inv_freq, eps, e, WT, DG, HAS_NORM)
-        out = gq + (b[:, None] * Hk + h) * DG + e[None, :]
-        tl.store(out, lo, mask=live[:, None])
-        tl.store(out + DG // 2, hi, mask=live[:, None])
-        # the new keys into their pages' running max / min (in float32: exact for bf16 / fp16, and Triton's
-        # CPU interpreter compares bf16 as raw bits) and sum
-        xv = tl.load(x + b[:, None] * sx_b + h * sx_h + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-        at = (pg[:, None] * Hk + h) * D + d[None, :]                      # [R, D]
-        first = (off == 0)[:, None]
-        new_max = tl.where(first, xv, tl.maximum(tl.load(kmax + at, mask=live[:, None]).to(tl.float32), xv))
-        new_min = tl.where(first, xv, tl.minimum(tl.load(kmin + at, mask=live[:, None]).to(tl.float32), xv))
-        new_sum = tl.where(first, 0.0, tl.load(ksum + at, mask=live[:, None])) + xv
-        tl.store(kmax + at, new_max.to(kmax.dtype.element_ty), mask=live[:, None])
-        tl.store(kmin + at, new_min.to(kmin.dtype.element_ty), mask=live[:, None])
-        tl.store(ksum + at, new_sum, mask=live[:, None])
-        full = live & (off == S - 1)
-        if tl.sum(full.to(tl.int32), 0) > 0:   # a page filled: its gate key [max | min | avg] @ Wk[h], norm, RoPE
-            avg = (new_sum / S).to(WT).to(tl.float32)
-            lo = tl.zeros([R, DG // 2], tl.float32)
-            hi = tl.zeros([R, DG // 2], tl.float32)
-            for c in tl.static_range(3):   # the max, min, avg rows of Wk[h]
-                part = new_max if c == 0 else (new_min if c == 1 else avg)
-                w = wk + (h * 3 * D + c * D + d[:, None]) * DG + e[None, :]   # [D, Dg / 2]
-                lo = tl.dot(part, tl.load(w).to(tl.float32), lo, input_precision=PREC)
-                hi = tl.dot(part, tl.load(w + DG // 2).to(tl.float32), hi, input_precision=PREC)
-            lo, hi = _norm_rope(lo, hi, pos - off, knorm, inv_freq, eps, e, WT, DG, HAS_NORM)
-            out = gate_k + (pg[:, None] * Hk + h) * DG + e[None, :]
-            tl.store(out, lo, mask=full[:, None])
-            tl.store(out + DG // 2, hi, mask=full[:, None])
-
-
-_INV_FREQ = {}   # (Dg, theta, device) -> rope_inv_freq, made once (not in the step's graph)
-
-
-def seer_step(q, x, positions, page, kmax, kmin, ksum, gate_k, gate):
-    """The kernel's take on gate_query + seer_pool_step: q [B, Hq, D] and the new keys x [B, Hk, D]
-    (pre-RoPE) -> gate queries [B, Hk, Dg]; kmax / kmin / ksum / gate_k (one layer's, by page)
-    updated in place."""
-    B, Hk, D = x.shape
-    Dg = gate_k.shape[-1]
-    key = (Dg, gate.rope_theta, x.device)
-    if key not in _INV_FREQ:
-        _INV_FREQ[key] = rope_inv_freq(Dg, gate.rope_theta, x.device)
-    x = x if x.stride(2) == 1 else x.contiguous()      # rows and heads may be strided, channels not
-    q = q if q.stride(2) == 1 and q.stride(1) == D else q.contiguous()
-    wq, wk = gate.attngate_linear_q.weight, gate.attngate_linear_k.weight
-    gq = torch.empty(B, Hk, Dg, dtype=wq.dtype, device=x.device)
-    norm = gate.qnorm_weight is not None
-    _seer_step_kernel[(Hk, triton.cdiv(B, STEP_ROWS))](
-        q, q.stride(0), x, x.stride(0), x.stride(1), positions.contiguous(), page.contiguous(), kmax, kmin, ksum,
-        gate_k, gq, wq, gate.qnorm_weight if norm else wq, wk, gate.knorm_weight if norm else wk, _INV_FREQ[key],
-        GATE_EPS, B, Hk=Hk, G=q.shape[1] // Hk, D=D, DG=Dg, S=gate.block_size, R=STEP_ROWS, HAS_NORM=norm,
-        PREC="ieee" if wq.dtype == torch.float32 else "tf32", **pdl_launch(x))
-    return gq

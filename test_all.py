@@ -457,47 +457,60 @@ def test_seer_decode_picks_the_top_blocks_of_the_training_view_scores(tmp_path, 
 
 
 @pytest.mark.skipif(GT.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
-@pytest.mark.parametrize("dg,S,NB", [(32, 16, 300), (128, 64, 512), (128, 64, 1500), (64, 32, 7)])
-def test_seer_pick_kernel_matches_float64_topk_and_threshold(dg, S, NB):
-    """gate.seer_pick (gather + scores + top-k / threshold + token counts in one Triton kernel)
-    against a float64 selection written here: ragged lengths (< one block, exact multiples, padding
-    rows of length 0 and 1), pages shuffled, ties at the cut, budgets past the blocks there are."""
+@pytest.mark.parametrize("dg,S,NB,G", [(32, 16, 300, 2), (128, 64, 512, 4), (128, 64, 1500, 1), (64, 32, 7, 3)])
+def test_seer_pick_kernel_matches_float64_topk_and_threshold(dg, S, NB, G):
+    """gate.seer_pick (the gate query from the group's shares, the gather, scores, top-k / threshold
+    and token counts in two Triton kernels) against a float64 selection written here: ragged
+    lengths (< one block, exact multiples, padding rows of length 0 and 1), pages shuffled, budgets
+    past the blocks there are. First exact: integer shares, no norm and RoPE at position 0 (the
+    identity) make every score exact, ties at the cut included. Then with the gate's RMS norm and
+    RoPE at each row's token, up to the bf16 rounding of the gate query."""
     torch.manual_seed(dg + NB)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    B, Hk = 6, 4
+    B, Hk, theta = 6, 4, 1e4
     P = B * NB + 5
     gate_k = torch.randn(P, Hk, dg, device=dev).bfloat16()
     gate_k[::3] = gate_k[::3].round()                        # some exactly equal scores
-    gq = torch.randn(B, Hk, dg, device=dev).bfloat16().round()
     table = torch.randperm(P, device=dev)[:B * NB].view(B, NB).int()
     lengths = torch.tensor([0, 1, S - 3, 4 * S, NB * S, NB * S // 2 + 7], dtype=torch.int32, device=dev)
-    s64 = torch.einsum("bhe,bjhe->bhj", gq.double(), gate_k[table.long()].double())    # [B, Hk, NB]
-    for k, thr in ((1, 0.0), (3, 0.0), (min(NB, 40), 0.0), (NB, 0.0), (0, 0.01)):
-        read, total = torch.zeros(1, dtype=torch.float64, device=dev), torch.zeros(1, dtype=torch.float64, device=dev)
-        out = GT.seer_pick(gq, gate_k, table, lengths, S, k, thr, read, total).cpu()
-        want_read = want_total = 0
-        for b, n in enumerate(lengths.tolist()):
-            cur = max(n - 1, 0) // S
-            for h in range(Hk):
-                row = out[b, h].tolist()                     # chosen ids, then -1s, then the new token's block
-                got = [x for x in row[:-1] if x >= 0]
-                assert row[-1] == cur and row[:-1] == got + [-1] * (len(row) - 1 - len(got)), (b, h)
-                assert len(got) == len(set(got)) and all(0 <= x < cur for x in got), (b, h)
-                s = s64[b, h, :cur].cpu()
-                if k:                                        # the k best, up to ties at the cut
-                    assert len(got) == min(k, cur)
-                    rest = sorted(set(range(cur)) - set(got))
-                    if got and rest:
-                        assert s[got].min() >= s[rest].max() - 1e-3 * s.abs().max()
-                elif cur:                                    # softmax weight above the threshold
-                    p = (s / math.sqrt(dg)).softmax(-1)
-                    sure = set(torch.nonzero(p > thr + 1e-4).flatten().tolist())
-                    maybe = set(torch.nonzero(p > thr - 1e-4).flatten().tolist())
-                    assert sure <= set(got) <= maybe
-                if n > 1:
-                    want_read += len(got) * S + n - cur * S
-                    want_total += n
-        assert read.item() == want_read and total.item() == want_total
+    for norm in (False, True):
+        gate = GT.AttnGate(Hk, G, 8, dg, S, norm, theta).to(dev, torch.bfloat16)
+        if norm:
+            gate.attngate_qnorm.weight.data.uniform_(0.5, 1.5)
+            shares, pos = torch.randn(B, Hk * G, dg, device=dev), (lengths - 1).clamp(min=0)
+            gq = norm_rope64(shares.double().view(B, Hk, G, dg).sum(2), gate.qnorm_weight, pos[:, None, None], theta)
+            tol, margin = 2e-2, 5e-2       # of the largest score; of the threshold
+        else:
+            shares, pos = torch.randint(-2, 3, (B, Hk * G, dg), device=dev).float(), torch.zeros_like(lengths)
+            gq = shares.double().view(B, Hk, G, dg).sum(2)
+            tol, margin = 1e-3, 1e-4
+        s64 = torch.einsum("bhe,bjhe->bhj", gq, gate_k[table.long()].double())    # [B, Hk, NB]
+        for k, thr in ((1, 0.0), (3, 0.0), (min(NB, 40), 0.0), (NB, 0.0), (0, 0.01)):
+            read, total = (torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(2))
+            out = GT.seer_pick(shares, pos, gate, gate_k, table, lengths, S, k, thr, read, total).cpu()
+            want_read = want_total = 0
+            for b, n in enumerate(lengths.tolist()):
+                cur = max(n - 1, 0) // S
+                for h in range(Hk):
+                    row = out[b, h].tolist()                 # chosen ids, then -1s, then the new token's block
+                    got = [x for x in row[:-1] if x >= 0]
+                    assert row[-1] == cur and row[:-1] == got + [-1] * (len(row) - 1 - len(got)), (b, h)
+                    assert len(got) == len(set(got)) and all(0 <= x < cur for x in got), (b, h)
+                    s = s64[b, h, :cur].cpu()
+                    if k:                                    # the k best, up to ties at the cut
+                        assert len(got) == min(k, cur)
+                        rest = sorted(set(range(cur)) - set(got))
+                        if got and rest:
+                            assert s[got].min() >= s[rest].max() - tol * s.abs().max(), (norm, k, b, h)
+                    elif cur:                                # softmax weight above the threshold
+                        p = (s / math.sqrt(dg)).softmax(-1)
+                        sure = set(torch.nonzero(p > thr * (1 + margin)).flatten().tolist())
+                        maybe = set(torch.nonzero(p > thr * (1 - margin)).flatten().tolist())
+                        assert sure <= set(got) <= maybe, (norm, b, h)
+                    if n > 1:
+                        want_read += len(got) * S + n - cur * S
+                        want_total += n
+            assert read.item() == want_read and total.item() == want_total
 
 
 def norm_rope64(g, norm, pos, theta):
@@ -509,9 +522,9 @@ def norm_rope64(g, norm, pos, theta):
 @pytest.mark.parametrize("D,dg,S,G,norm", [(64, 32, 8, 2, True), (128, 128, 64, 4, False), (64, 64, 16, 3, True)])
 def test_seer_step_kernel_matches_float64_gate_queries_pooling_and_gate_keys(D, dg, S, G, norm):
     """gate.seer_step, fed one decode step at a time (three sequences, shuffled pages), returns each
-    step's gate queries, and leaves every page's running max / min / sum of its keys and every
-    full page's gate key, as a float64 computation written here gives them: the group's query
-    heads @ Wq and [max | min | mean] @ Wk, RMS norm, RoPE at the token / the block start."""
+    step's gate-query shares, and leaves every page's running max / min / sum of its keys and
+    every full page's gate key, as a float64 computation written here gives them: each query head
+    @ its Wq slice, and [max | min | mean] @ Wk, RMS norm, RoPE at the block start."""
     torch.manual_seed(D + S)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     B, Hk, theta, T = 3, 2, 1e4, 2 * S + 3
@@ -530,10 +543,9 @@ def test_seer_step_kernel_matches_float64_gate_queries_pooling_and_gate_keys(D, 
     wq = gate.attngate_linear_q.weight.double()                        # [Hk, G, D, dg]
     for t in range(T):
         pos = torch.full((B,), t, device=dev)
-        gq = GT.seer_step(queries[t], keys[t], pos, pages[:, t // S], kmax, kmin, ksum, gate_k, gate)
-        want = norm_rope64(torch.einsum("bhgd,hgde->bhe", queries[t].double().view(B, Hk, G, D), wq),
-                           gate.qnorm_weight, t, theta)
-        assert ((gq.double() - want).abs().max() / want.abs().max()).item() < 2e-2, t
+        shares = GT.seer_step(queries[t], keys[t], pos, pages[:, t // S], kmax, kmin, ksum, gate_k, gate)
+        want = torch.einsum("bhgd,hgde->bhge", queries[t].double().view(B, Hk, G, D), wq).reshape(B, Hk * G, dg)
+        assert shares.dtype == torch.float32 and torch.allclose(shares.double(), want, rtol=1e-5, atol=1e-5), t
     wk = gate.attngate_linear_k.weight.double()                        # [Hk, 3D, dg]
     for b in range(B):
         for j in range(3):
@@ -559,16 +571,17 @@ ptr, i32, f32 = "*bf16", "i32", "fp32"
 def build(kernel, args, consts):
     sig = {**args, **{k: "constexpr" for k in consts}}
     triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
-build(GT._seer_score_kernel, dict(gq=ptr, gate_k=ptr, table="*i32", lengths="*i32", scores="*fp32", NB=i32,
-                                  P=i32, scale=f32), dict(Hk=8, DG=128, S=64, BLK=GT.SCORE_BLK, PDL=True))
+build(GT._seer_score_kernel, dict(shares="*fp32", positions="*i64", qnorm=ptr, inv_freq="*fp32", eps=f32, gate_k=ptr,
+                                  table="*i32", lengths="*i32", scores="*fp32", NB=i32, P=i32, scale=f32),
+      dict(Hk=8, G=4, G_P2=4, DG=128, S=64, BLK=GT.SCORE_BLK, HAS_NORM=True, PDL=True))
 for top_k, nb in ((True, 512), (False, 2048)):   # Qwen3-8B shapes: Hk 8, block 64
     build(GT._seer_pick_kernel, dict(scores="*fp32", lengths="*i32", out="*i32", read="*fp64", total="*fp64",
                                      NB=i32, threshold=f32, K=i32, W=i32),
           dict(Hk=8, S=64, TOP_K=top_k, NB_P2=nb, W_P2=128 if top_k else 4096, PDL=True))
 build(GT._seer_step_kernel, dict(q=ptr, sq_b=i32, x=ptr, sx_b=i32, sx_h=i32, positions="*i64", page="*i64",
-                                 kmax=ptr, kmin=ptr, ksum="*fp32", gate_k=ptr, gq=ptr, wq=ptr, qnorm=ptr, wk=ptr,
+                                 kmax=ptr, kmin=ptr, ksum="*fp32", gate_k=ptr, shares="*fp32", wq=ptr, wk=ptr,
                                  knorm=ptr, inv_freq="*fp32", eps=f32, B=i32),
-      dict(Hk=8, G=4, D=128, DG=128, S=64, R=GT.STEP_ROWS, HAS_NORM=True, PREC="tf32", PDL=True))
+      dict(Hq=32, Hk=8, D=128, DG=128, S=64, R=GT.STEP_ROWS, HAS_NORM=True, PREC="tf32", PDL=True))
 for glu in (False, True):
     build(M._linear_kernel, dict(x=ptr, w=ptr, out=ptr, M=i32, N=i32, K=i32),
           dict(BN=32, BK=256, PREC="tf32", GLU=glu, PDL=True))
