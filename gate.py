@@ -391,13 +391,14 @@ def use_triton(x, gate):
 # (query head j, STEP_ROWS sequences) multiplies the head's queries by its slice Wq[j] [D, Dg]
 # on the tensor cores (reading Wq[j] once for all its rows) and writes the float32 product: the
 # head's share of its group's gate query. The scoring kernel below sums a group's shares and
-# does the norm and RoPE. The programs of heads j < Hk also fold KV head j's new keys into
-# their pages' max / min / sum and, when a key fills its page, make the gate key as
-# AttnGate.key does (rounding where PyTorch rounds). The dots take float32 in tf32, which holds
-# bf16 / fp16 products exactly (and Triton's CPU interpreter cannot dot bf16).
-# Spread this wide, the kernel is short. One program per KV head, projecting and finishing the
-# whole group's gate query, took 10 µs per layer at batch 8 (Qwen3-8B gate, H200): a Qwen3-8B
-# batch 8 x 32K decode step ran 6.38 ms with it and 6.00 with no kernel there at all.
+# does the norm and RoPE. Hk more programs (j = Hq + h) fold KV head h's new keys into their
+# pages' max / min / sum and, when a key fills its page, make the gate key as AttnGate.key
+# does (rounding where PyTorch rounds). The dots take float32 in tf32, which holds bf16 / fp16
+# products exactly (and Triton's CPU interpreter cannot dot bf16).
+# Spread this wide, the kernel is short. Qwen3-8B gate, batch 8 x 32K, H200, per layer: one
+# program per KV head, projecting and finishing the whole group's gate query and pooling, took
+# 10.1 µs; one per query head, the first Hk also pooling, 5.8; pooling in programs of its own,
+# 4.1. The decode step ran 6.37, 6.28 and 6.28 ms (two machines), and 6.00 with no kernel here.
 
 STEP_ROWS = 16    # sequences per program: tl.dot's smallest tile
 
@@ -430,12 +431,14 @@ if triton is not None:
         live = b < B
         d = tl.arange(0, D)
         n = tl.arange(0, DG)
-        # query head j's share of its group's gate query: q[b, j] @ Wq[j]  [R, Dg]
-        qj = tl.load(q + b[:, None] * sq_b + j * D + d[None, :], mask=live[:, None], other=0.0)
-        wj = tl.load(wq + (j * D + d[:, None]) * DG + n[None, :]).to(tl.float32)   # [D, Dg]
-        share = tl.dot(qj.to(WT).to(tl.float32), wj, input_precision=PREC)
-        tl.store(shares + (b[:, None] * Hq + j) * DG + n[None, :], share, mask=live[:, None])
-        if j < Hk:
+        if j < Hq:
+            # query head j's share of its group's gate query: q[b, j] @ Wq[j]  [R, Dg]
+            qj = tl.load(q + b[:, None] * sq_b + j * D + d[None, :], mask=live[:, None], other=0.0)
+            wj = tl.load(wq + (j * D + d[:, None]) * DG + n[None, :]).to(tl.float32)   # [D, Dg]
+            share = tl.dot(qj.to(WT).to(tl.float32), wj, input_precision=PREC)
+            tl.store(shares + (b[:, None] * Hq + j) * DG + n[None, :], share, mask=live[:, None])
+        else:   # KV head j = (program id) - Hq
+            j = j - Hq
             # KV head j's new keys into their pages' running max / min (in float32: exact for bf16 / fp16,
             # and Triton's CPU interpreter compares bf16 as raw bits) and sum
             pos = tl.load(positions + b, mask=live, other=0)
@@ -489,7 +492,7 @@ def seer_step(q, x, positions, page, kmax, kmin, ksum, gate_k, gate):
     wq, wk = gate.attngate_linear_q.weight, gate.attngate_linear_k.weight
     shares = torch.empty(B, Hq, Dg, dtype=torch.float32, device=x.device)
     norm = gate.knorm_weight is not None
-    _seer_step_kernel[(Hq, triton.cdiv(B, STEP_ROWS))](
+    _seer_step_kernel[(Hq + Hk, triton.cdiv(B, STEP_ROWS))](
         q, q.stride(0), x, x.stride(0), x.stride(1), positions.contiguous(), page.contiguous(), kmax, kmin, ksum,
         gate_k, shares, wq, wk, gate.knorm_weight if norm else wk, inv_freq(gate, x.device), GATE_EPS, B, Hq=Hq,
         Hk=Hk, D=D, DG=Dg, S=gate.block_size, R=STEP_ROWS, HAS_NORM=norm,
@@ -552,11 +555,11 @@ if triton is not None:
         score = tl.load(scores + (b * Hk + h) * NB + j, mask=valid, other=0.0)
         if TOP_K:   # the K best: the K-th largest key, bit by bit from the top
             bits = score.to(tl.int32, bitcast=True)
-            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # float order, >= 0
-            key = tl.where(valid, key, -1)
-            kth = tl.zeros([], tl.int64)
+            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF) ^ -2147483648).to(tl.uint32, bitcast=True)   # float order
+            key = tl.where(valid, key, 0)   # below every score's key (only -NaN's bits would map to 0)
+            kth = tl.zeros([], tl.uint32)
             for bit in tl.static_range(31, -1, -1):
-                cand = kth | (1 << bit)
+                cand = kth | tl.full([], 1 << bit, tl.uint32)
                 kth = tl.where(tl.sum((key >= cand).to(tl.int32), 0) >= K, cand, kth)
             above = key > kth
             tie_rank = tl.cumsum((key == kth).to(tl.int32), 0)               # ties: lowest ids first
