@@ -437,15 +437,15 @@ if triton is not None:
             wj = tl.load(wq + (j * D + d[:, None]) * DG + n[None, :]).to(tl.float32)   # [D, Dg]
             share = tl.dot(qj.to(WT).to(tl.float32), wj, input_precision=PREC)
             tl.store(shares + (b[:, None] * Hq + j) * DG + n[None, :], share, mask=live[:, None])
-        else:   # KV head j = (program id) - Hq
-            j = j - Hq
-            # KV head j's new keys into their pages' running max / min (in float32: exact for bf16 / fp16,
+        else:
+            h = j - Hq
+            # KV head h's new keys into their pages' running max / min (in float32: exact for bf16 / fp16,
             # and Triton's CPU interpreter compares bf16 as raw bits) and sum
             pos = tl.load(positions + b, mask=live, other=0)
             pg = tl.load(page + b, mask=live, other=0).to(tl.int64)
             off = pos % S
-            xv = tl.load(x + b[:, None] * sx_b + j * sx_h + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-            at = (pg[:, None] * Hk + j) * D + d[None, :]                  # [R, D]
+            xv = tl.load(x + b[:, None] * sx_b + h * sx_h + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+            at = (pg[:, None] * Hk + h) * D + d[None, :]                  # [R, D]
             first = (off == 0)[:, None]
             new_max = tl.where(first, xv, tl.maximum(tl.load(kmax + at, mask=live[:, None]).to(tl.float32), xv))
             new_min = tl.where(first, xv, tl.minimum(tl.load(kmin + at, mask=live[:, None]).to(tl.float32), xv))
@@ -454,18 +454,18 @@ if triton is not None:
             tl.store(kmin + at, new_min.to(kmin.dtype.element_ty), mask=live[:, None])
             tl.store(ksum + at, new_sum, mask=live[:, None])
             full = live & (off == S - 1)
-            if tl.sum(full.to(tl.int32), 0) > 0:   # a page filled: its gate key [max | min | avg] @ Wk[j], norm, RoPE
+            if tl.sum(full.to(tl.int32), 0) > 0:   # a page filled: its gate key [max | min | avg] @ Wk[h], norm, RoPE
                 avg = (new_sum / S).to(WT).to(tl.float32)
                 e = tl.arange(0, DG // 2)
                 lo = tl.zeros([R, DG // 2], tl.float32)
                 hi = tl.zeros([R, DG // 2], tl.float32)
-                for c in tl.static_range(3):   # the max, min, avg rows of Wk[j]
+                for c in tl.static_range(3):   # the max, min, avg rows of Wk[h]
                     part = new_max if c == 0 else (new_min if c == 1 else avg)
-                    w = wk + (j * 3 * D + c * D + d[:, None]) * DG + e[None, :]   # [D, Dg / 2]
+                    w = wk + (h * 3 * D + c * D + d[:, None]) * DG + e[None, :]   # [D, Dg / 2]
                     lo = tl.dot(part, tl.load(w).to(tl.float32), lo, input_precision=PREC)
                     hi = tl.dot(part, tl.load(w + DG // 2).to(tl.float32), hi, input_precision=PREC)
                 lo, hi = _norm_rope(lo, hi, pos - off, knorm, inv_freq, eps, e, WT, DG, HAS_NORM)
-                out = gate_k + (pg[:, None] * Hk + j) * DG + e[None, :]
+                out = gate_k + (pg[:, None] * Hk + h) * DG + e[None, :]
                 tl.store(out, lo, mask=full[:, None])
                 tl.store(out + DG // 2, hi, mask=full[:, None])
 
@@ -474,6 +474,7 @@ _INV_FREQ = {}   # (Dg, theta, device) -> rope_inv_freq, made once (not in the s
 
 
 def inv_freq(gate, device):
+    """The gate's RoPE frequencies [Dg / 2] on device."""
     key = (gate.dg, gate.rope_theta, device)
     if key not in _INV_FREQ:
         _INV_FREQ[key] = rope_inv_freq(gate.dg, gate.rope_theta, device)
