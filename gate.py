@@ -589,7 +589,7 @@ def seer_pick(shares, positions, gate, gate_k, table, lengths, S, k, threshold, 
     scores = torch.empty(B, Hk, NB, dtype=torch.float32, device=shares.device)
     out = torch.empty(B, Hk, W, dtype=torch.int32, device=shares.device)
     scale = 1.0 if k else 1.0 / math.sqrt(Dg)
-    norm = gate.qnorm_weight
+    norm = gate.qnorm_weight   # without one, Wq stands in: the kernel then reads only its dtype
     _seer_score_kernel[(triton.cdiv(NB, SCORE_BLK), Hk, B)](
         shares.contiguous(), positions.contiguous(), gate.attngate_linear_q.weight if norm is None else norm,
         inv_freq(gate, shares.device), GATE_EPS, gate_k, table, lengths, scores, NB, gate_k.shape[0], scale, Hk=Hk,
