@@ -230,7 +230,8 @@ class Selector:
             cache.pooled = dict(qmax=new(Hk, D), qmin=new(Hk, D))
 
     def sparsity(self):
-        return 1.0 - (self.read / self.total.clamp(min=1)).item()
+        """Share of the KV tokens a dense step reads that these steps did not (dense: none, uncounted)."""
+        return 0.0 if self.attn == "dense" else 1.0 - (self.read / self.total.clamp(min=1)).item()
 
     def prefill(self, layer, step, k, kr):
         """One prompt's keys k (pre-RoPE), kr (post-RoPE) [N, Hk, D], positions 0..N-1, were
@@ -257,12 +258,11 @@ class Selector:
         """One decode step: q, qr [B, Hq, D] and k, kr [B, Hk, D] (pre-/post-RoPE; k, kr already in
         the pages at step.slots) -> blocks [B, Hk, K] logical ids, -1 padded, or None (dense).
         The new keys are folded into their pages' pooled keys on the way."""
+        if self.attn == "dense":
+            return None
         cache, S = step.cache, step.cache.page_size
         B, NB = step.block_table.shape
         Hk = cache.k.shape[3]
-        if self.attn == "dense":
-            count_tokens(step.lengths, None, S, Hk, self.read, self.total)
-            return None
         gate = None
         k_top = 0 if self.threshold is not None else min(self.budget // S, NB)
         if self.attn == "seer":
@@ -320,16 +320,12 @@ def pick_blocks(score, lengths, S: int, k: int, threshold: float, read, total):
 
 @fused
 def count_tokens(lengths, blocks, S: int, Hk: int, read, total):
-    """read += KV tokens in blocks [B, Hk, K] (None: every token), total += a dense step's.
-    Rows with lengths == 1 are CUDA-graph padding and are not counted."""
+    """read += KV tokens in blocks [B, Hk, K], total += a dense step's. Rows with lengths == 1
+    are CUDA-graph padding and are not counted."""
     real = lengths > 1
-    dense = (lengths * real).sum() * Hk
-    if blocks is None:
-        read += dense
-    else:
-        tokens = torch.where(blocks >= 0, (lengths[:, None, None] - blocks * S).clamp(0, S), 0)
-        read += (tokens * real[:, None, None]).sum()
-    total += dense
+    tokens = torch.where(blocks >= 0, (lengths[:, None, None] - blocks * S).clamp(0, S), 0)
+    read += (tokens * real[:, None, None]).sum()
+    total += (lengths * real).sum() * Hk
 
 
 @fused
