@@ -520,7 +520,7 @@ def norm_rope64(g, norm, pos, theta):
 
 @pytest.mark.skipif(GT.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
 @pytest.mark.parametrize("D,dg,S,G,norm", [(64, 32, 8, 2, True), (128, 128, 64, 4, False), (64, 64, 16, 3, True)])
-def test_seer_step_kernel_matches_float64_gate_queries_pooling_and_gate_keys(D, dg, S, G, norm):
+def test_seer_step_kernel_matches_float64_gate_query_shares_pooling_and_gate_keys(D, dg, S, G, norm):
     """gate.seer_step, fed one decode step at a time (three sequences, shuffled pages), returns each
     step's gate-query shares, and leaves every page's running max / min / sum of its keys and
     every full page's gate key, as a float64 computation written here gives them: each query head
