@@ -402,7 +402,8 @@ if triton is not None:
     @triton.jit
     def _norm_rope(lo, hi, pos, norm, inv_freq, eps, e, WT: tl.constexpr, DG: tl.constexpr, HAS_NORM: tl.constexpr):
         """Gate vectors' two halves lo, hi [R, DG / 2] (float32 sums of the projection) -> rounded to WT as
-        PyTorch's matmul rounds, RMS-normed, RoPE at pos [R] (float32, not rounded)."""
+        PyTorch's matmul rounds, RMS-normed, RoPE at pos [R]; each step rounded to WT as PyTorch rounds
+        (returned in float32)."""
         lo, hi = lo.to(WT).to(tl.float32), hi.to(WT).to(tl.float32)
         if HAS_NORM:
             r = tl.rsqrt((tl.sum(lo * lo, 1) + tl.sum(hi * hi, 1)) / DG + eps)[:, None]
@@ -412,7 +413,7 @@ if triton is not None:
         angle = pos.to(tl.float32)[:, None] * tl.load(inv_freq + e)[None, :]
         cos = tl.cos(angle).to(WT).to(tl.float32)
         sin = tl.sin(angle).to(WT).to(tl.float32)
-        return lo * cos - hi * sin, hi * cos + lo * sin
+        return (lo * cos - hi * sin).to(WT).to(tl.float32), (hi * cos + lo * sin).to(WT).to(tl.float32)
 
     @triton.jit
     def _seer_step_kernel(q, sq_b, x, sx_b, sx_h, positions, page, kmax, kmin, ksum, gate_k, shares, wq, wk, knorm,
@@ -525,7 +526,8 @@ if triton is not None:
         page = tl.load(table + b * NB + j, mask=j < NB, other=0)          # (not waiting for the length)
         page = tl.minimum(tl.maximum(page, 0), P - 1).to(tl.int64)
         valid = j < tl.minimum(tl.maximum(length - 1, 0) // S, NB)       # complete blocks before the new token
-        # the gate query [1, Dg / 2] x 2: the group's G shares summed, normed, RoPE at the token, rounded
+        # the gate query [1, Dg / 2] x 2: the group's G shares summed, normed, RoPE at the token. Each of
+        # the row's programs makes it again (~2 KB of L2 reads and a few hundred flops): cheaper than a kernel
         g = tl.arange(0, G_P2)[:, None]
         e = tl.arange(0, DG // 2)
         at = shares + ((b * Hk + h) * G + g) * DG + e[None, :]           # [G_P2, Dg / 2]
@@ -534,8 +536,8 @@ if triton is not None:
         lo, hi = _norm_rope(lo, hi, tl.load(positions + b + tl.arange(0, 1)), qnorm, inv_freq, eps, e, WT, DG,
                             HAS_NORM)
         k = gate_k + (page[:, None] * Hk + h) * DG + e[None, :]          # [BLK, Dg / 2]
-        s = tl.sum(tl.load(k, mask=valid[:, None], other=0.0).to(tl.float32) * lo.to(WT).to(tl.float32), 1)
-        s += tl.sum(tl.load(k + DG // 2, mask=valid[:, None], other=0.0).to(tl.float32) * hi.to(WT).to(tl.float32), 1)
+        s = tl.sum(tl.load(k, mask=valid[:, None], other=0.0).to(tl.float32) * lo, 1)
+        s += tl.sum(tl.load(k + DG // 2, mask=valid[:, None], other=0.0).to(tl.float32) * hi, 1)
         tl.store(scores + (b * Hk + h) * NB + j, s * scale, mask=j < NB)
 
     @triton.jit
