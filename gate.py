@@ -13,6 +13,7 @@ Selector (SPEC §3-4) keeps the pooled keys beside the KV pages and, at every de
 returns per (sequence, KV head) the logical block ids to read, padded with -1 — what the
 decode kernel takes. The block holding the new token is always kept, on top of the budget.
 """
+import functools
 import glob
 import json
 import math
@@ -467,15 +468,10 @@ if triton is not None:
                 tl.store(out + DG // 2, hi, mask=full[:, None])
 
 
-_INV_FREQ = {}   # (Dg, theta, device) -> rope_inv_freq, made once (not in the step's graph)
-
-
-def inv_freq(gate, device):
-    """The gate's RoPE frequencies [Dg / 2] on device."""
-    key = (gate.dg, gate.rope_theta, device)
-    if key not in _INV_FREQ:
-        _INV_FREQ[key] = rope_inv_freq(gate.dg, gate.rope_theta, device)
-    return _INV_FREQ[key]
+@functools.cache
+def inv_freq(dg, theta, device):
+    """A gate's RoPE frequencies [Dg / 2] on device, made once (not in the step's graph)."""
+    return rope_inv_freq(dg, theta, device)
 
 
 def seer_step(q, x, positions, page, kmax, kmin, ksum, gate_k, gate):
@@ -492,8 +488,8 @@ def seer_step(q, x, positions, page, kmax, kmin, ksum, gate_k, gate):
     norm = gate.knorm_weight is not None
     _seer_step_kernel[(Hq + Hk, triton.cdiv(B, STEP_ROWS))](
         q, q.stride(0), x, x.stride(0), x.stride(1), positions.contiguous(), page.contiguous(), kmax, kmin, ksum,
-        gate_k, shares, wq, wk, gate.knorm_weight if norm else wk, inv_freq(gate, x.device), GATE_EPS, B, Hq=Hq,
-        Hk=Hk, D=D, DG=Dg, S=gate.block_size, R=STEP_ROWS, HAS_NORM=norm,
+        gate_k, shares, wq, wk, gate.knorm_weight if norm else wk, inv_freq(Dg, gate.rope_theta, x.device),
+        GATE_EPS, B, Hq=Hq, Hk=Hk, D=D, DG=Dg, S=gate.block_size, R=STEP_ROWS, HAS_NORM=norm,
         PREC="ieee" if wq.dtype == torch.float32 else "tf32", **pdl_launch(x))
     return shares
 
@@ -590,9 +586,9 @@ def seer_pick(shares, positions, gate, gate_k, table, lengths, S, k, threshold, 
     norm = gate.qnorm_weight   # without one, Wq stands in: the kernel then reads only its dtype
     _seer_score_kernel[(triton.cdiv(NB, SCORE_BLK), Hk, B)](
         shares.contiguous(), positions.contiguous(), gate.attngate_linear_q.weight if norm is None else norm,
-        inv_freq(gate, shares.device), GATE_EPS, gate_k, table, lengths, scores, NB, gate_k.shape[0], scale, Hk=Hk,
-        G=Hq // Hk, G_P2=triton.next_power_of_2(Hq // Hk), DG=Dg, S=S, BLK=SCORE_BLK, HAS_NORM=norm is not None,
-        **pdl_launch(shares))
+        inv_freq(Dg, gate.rope_theta, shares.device), GATE_EPS, gate_k, table, lengths, scores, NB,
+        gate_k.shape[0], scale, Hk=Hk, G=Hq // Hk, G_P2=triton.next_power_of_2(Hq // Hk), DG=Dg, S=S,
+        BLK=SCORE_BLK, HAS_NORM=norm is not None, **pdl_launch(shares))
     nb_p2 = triton.next_power_of_2(NB)
     # one warp per 128 blocks, at most 4: batch 8, one warp 7.0 / 11.2 / 17.5 µs for both kernels at 128 / 512 /
     # 1024 blocks, four 8.5 / 10.5 / 12.9; the single kernel took 11.6 / 16.1 / 20.0 (H100, 2026-11-23)

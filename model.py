@@ -272,6 +272,7 @@ if triton is not None:
         the columns n of the gate and N + n of the up projection, silu(gate) * up written."""
         m = tl.arange(0, 16)
         n = tl.program_id(0) * BN + tl.arange(0, BN)
+        DT = out.dtype.element_ty
         if PDL:
             wait_and_release()
         acc = tl.zeros([16, BN], tl.float32)
@@ -284,10 +285,10 @@ if triton is not None:
             acc = tl.dot(a, tl.load(at, mask=mask, other=0.0), acc, input_precision=PREC)   # [16, BK] @ [BK, BN]
             if GLU:
                 acc_up = tl.dot(a, tl.load(at + N * K, mask=mask, other=0.0), acc_up, input_precision=PREC)
-        y = acc.to(out.dtype.element_ty)
+        y = acc.to(DT)
         if GLU:   # rounded where F.linear rounds, then silu_mul's float32 arithmetic
             g = y.to(tl.float32)
-            y = (g * tl.sigmoid(g) * acc_up.to(out.dtype.element_ty).to(tl.float32)).to(out.dtype.element_ty)
+            y = (g * tl.sigmoid(g) * acc_up.to(DT).to(tl.float32)).to(DT)
         tl.store(out + m[:, None] * N + n[None, :], y, mask=(m[:, None] < M) & (n[None, :] < N))
 
 
