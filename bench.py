@@ -186,7 +186,7 @@ def step_bytes(net, B, ctx, sparsity, S, gates):
 
 # pieces of kernel names -> the part of a decode step they do (--profile's split of the step)
 PARTS = {"GEMMs": ("_linear_kernel", "gemm", "nvjet", "splitKreduce"), "attention": ("decode_kernel",),
-         "seer_step": ("_seer_step",), "gate scores": ("_seer_score",), "top-k": ("_seer_pick",)}
+         "gate scores": ("_seer_score",), "top-k + pooling": ("_seer_pick",)}
 
 
 def kernel_profile(fn, layers, step_ms, top=16):

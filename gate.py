@@ -255,10 +255,19 @@ class Selector:
             gk = self.model.layers[layer].self_attn.attn_gate.block_keys(k)            # [N // S, Hk, Dg]
             pooled["gate_k"][layer, pages[:N // S]] = gk.to(pooled["gate_k"].dtype)
 
-    def __call__(self, layer, step, q, qr, k, kr):
+    def share_weight(self, layer, x):
+        """The gate query weight whose per-head shares seer's kernels take from the layer's q/k
+        kernel (model.qk_norm_rope) at decode, x being on the step's device; else None."""
+        if self.attn != "seer":
+            return None
+        gate = self.model.layers[layer].self_attn.attn_gate
+        return gate.attngate_linear_q.weight if use_triton(x, gate) else None
+
+    def __call__(self, layer, step, q, qr, k, kr, shares=None):
         """One decode step: q, qr [B, Hq, D] and k, kr [B, Hk, D] (pre-/post-RoPE; k, kr already in
-        the pages at step.slots) -> blocks [B, Hk, K] logical ids, -1 padded, or None (dense).
-        The new keys are folded into their pages' pooled keys on the way."""
+        the pages at step.slots), and shares [B, Hq, Dg] where share_weight asked for them -> blocks
+        [B, Hk, K] logical ids, -1 padded, or None (dense). The new keys are folded into their
+        pages' pooled keys on the way."""
         if self.attn == "dense":
             return None
         cache, S = step.cache, step.cache.page_size
@@ -269,10 +278,9 @@ class Selector:
         if self.attn == "seer":
             gate = self.model.layers[layer].self_attn.attn_gate
             stats = [cache.pooled[n][layer] for n in ("kmax", "kmin", "ksum", "gate_k")]
-            if use_triton(q, gate):   # three kernels: gate-query shares + pooled keys, scores, picks
-                shares = seer_step(q, k, step.positions, step.pages, *stats, gate)
-                return seer_pick(shares, step.positions, gate, stats[3], step.block_table, step.lengths, S, k_top,
-                                 self.threshold or 0.0, self.read, self.total)
+            if shares is not None:   # two kernels: scores; picks + pooled keys
+                return seer_pick(shares, k, step.positions, step.pages, gate, *stats, step.block_table, step.lengths,
+                                 S, k_top, self.threshold or 0.0, self.read, self.total)
             seer_pool_step(k, step.positions, step.pages, cache.scratch, *stats, gate.attngate_linear_k.weight,
                            gate.knorm_weight, S, gate.rope_theta)
             score = seer_scores(q, step.positions, gate.attngate_linear_q.weight, gate.qnorm_weight,
@@ -378,26 +386,31 @@ def block_attention(qr, k_pages, block_table, lengths):
 
 def use_triton(x, gate):
     """The Triton kernels below serve CUDA tensors with power-of-two head and gate widths."""
-    return triton is not None and x.is_cuda and all(n & (n - 1) == 0 for n in (x.shape[-1], gate.dg))
+    return triton is not None and x.is_cuda and all(n & (n - 1) == 0 for n in (gate.d, gate.dg))
 
 
-# ---- seer's per-step gate work in one kernel (CUDA) ----
-# Compiled, seer_pool_step is still ~7 kernels per layer (gathers of the running stats, their
-# writes, the gate-key GEMM, norm and RoPE, the scatter to the scratch page) and the gate
-# query ~7 more (the einsum's permutes and batched GEMM, norm, RoPE). Here one program per
-# (query head j, STEP_ROWS sequences) multiplies the head's queries by its slice Wq[j] [D, Dg]
-# on the tensor cores (reading Wq[j] once for all its rows) and writes the float32 product: the
-# head's share of its group's gate query. The scoring kernel below sums a group's shares and
-# does the norm and RoPE. Hk more programs (j = Hq + h) fold KV head h's new keys into their
-# pages' max / min / sum and, when a key fills its page, make the gate key as AttnGate.key
-# does (rounding where PyTorch rounds). The dots take float32 in tf32, which holds bf16 / fp16
-# products exactly (and Triton's CPU interpreter cannot dot bf16).
-# Spread this wide, the kernel is short. Qwen3-8B gate, batch 8 x 32K, H200, per layer: one
-# program per KV head, projecting and finishing the whole group's gate query and pooling, took
-# 10.1 µs; one per query head, the first Hk also pooling, 5.8; pooling in programs of its own,
-# 4.1. The decode step ran 6.37, 6.28 and 6.28 ms (two machines), and 6.00 with no kernel here.
+# ---- seer's decode step in two kernels (CUDA) ----
+# Compiled, seer_pool_step + seer_scores + pick_blocks are ~20 kernels per layer (the gate
+# query's einsum, norm and RoPE; the running stats' gathers and writes, the gate-key GEMM; the
+# gather-and-dot, a masked fill, torch.topk's two passes and sort, the id and token-count
+# writes). Here the layer's q/k kernel (model.qk_norm_rope) has already written each query
+# head's share of its group's gate query, q[b, j] @ Wq[j] in float32. The scoring is spread
+# wide: one program per SCORE_BLK blocks of a (sequence, KV head) row sums the group's shares,
+# norms and turns them (the row's gate query), gathers the blocks' gate keys through the page
+# table and dots them with it. The picking is one small program per row: it keeps the row's
+# scores in registers, finds the k-th largest by a bitwise search (32 counts over the row),
+# writes the chosen ids in block order and the new token's block, and adds the tokens read to
+# the counters. The search is 32 dependent reductions: cheap within a few warps, dear across
+# the 16 that the scoring wants, which is why the two are apart. The same program folds the
+# row's new key into its page's max / min / sum and, when the key fills the page, makes the
+# page's gate key as AttnGate.key does (rounding where PyTorch rounds). That page holds the
+# new token, so no score of this step reads its key.
+# Qwen3-8B gate, batch 8 x 32K, H200, per layer: the gate-query shares and pooling in a kernel
+# of their own (`seer_step`, before this layout) took 4.1 µs, scores 6.2, pick 8.2; the decode
+# step ran 6.00 ms with no `seer_step` at all, against 6.28 with it.
 
-STEP_ROWS = 16    # sequences per program: tl.dot's smallest tile
+SCORE_BLK = 32    # blocks per scoring program (16 / 32 / 64 within 1 µs; H100, 2026-11-23)
+POOL_ROWS = 16    # rows of Wk[h] at a time when the pick makes a gate key
 
 if triton is not None:
     @triton.jit
@@ -416,99 +429,6 @@ if triton is not None:
         sin = tl.sin(angle).to(WT).to(tl.float32)
         return (lo * cos - hi * sin).to(WT).to(tl.float32), (hi * cos + lo * sin).to(WT).to(tl.float32)
 
-    @triton.jit
-    def _seer_step_kernel(q, sq_b, x, sx_b, sx_h, positions, page, kmax, kmin, ksum, gate_k, shares, wq, wk, knorm,
-                          inv_freq, eps, B, Hq: tl.constexpr, Hk: tl.constexpr, D: tl.constexpr, DG: tl.constexpr,
-                          S: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr, PREC: tl.constexpr,
-                          PDL: tl.constexpr):
-        if PDL:
-            wait_and_release()
-        j, t = tl.program_id(0), tl.program_id(1)
-        WT = wk.dtype.element_ty
-        b = t * R + tl.arange(0, R)                                      # [R] this program's sequences
-        live = b < B
-        d = tl.arange(0, D)
-        n = tl.arange(0, DG)
-        if j < Hq:
-            # query head j's share of its group's gate query: q[b, j] @ Wq[j]  [R, Dg]
-            qj = tl.load(q + b[:, None] * sq_b + j * D + d[None, :], mask=live[:, None], other=0.0)
-            wj = tl.load(wq + (j * D + d[:, None]) * DG + n[None, :]).to(tl.float32)   # [D, Dg]
-            share = tl.dot(qj.to(WT).to(tl.float32), wj, input_precision=PREC)
-            tl.store(shares + (b[:, None] * Hq + j) * DG + n[None, :], share, mask=live[:, None])
-        else:
-            h = j - Hq
-            # KV head h's new keys into their pages' running max / min (in float32: exact for bf16 / fp16,
-            # and Triton's CPU interpreter compares bf16 as raw bits) and sum
-            pos = tl.load(positions + b, mask=live, other=0)
-            pg = tl.load(page + b, mask=live, other=0).to(tl.int64)
-            off = pos % S
-            xv = tl.load(x + b[:, None] * sx_b + h * sx_h + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-            at = (pg[:, None] * Hk + h) * D + d[None, :]                  # [R, D]
-            first = (off == 0)[:, None]
-            new_max = tl.where(first, xv, tl.maximum(tl.load(kmax + at, mask=live[:, None]).to(tl.float32), xv))
-            new_min = tl.where(first, xv, tl.minimum(tl.load(kmin + at, mask=live[:, None]).to(tl.float32), xv))
-            new_sum = tl.where(first, 0.0, tl.load(ksum + at, mask=live[:, None])) + xv
-            tl.store(kmax + at, new_max.to(kmax.dtype.element_ty), mask=live[:, None])
-            tl.store(kmin + at, new_min.to(kmin.dtype.element_ty), mask=live[:, None])
-            tl.store(ksum + at, new_sum, mask=live[:, None])
-            full = live & (off == S - 1)
-            if tl.sum(full.to(tl.int32), 0) > 0:   # a page filled: its gate key [max | min | avg] @ Wk[h], norm, RoPE
-                avg = (new_sum / S).to(WT).to(tl.float32)
-                e = tl.arange(0, DG // 2)
-                lo = tl.zeros([R, DG // 2], tl.float32)
-                hi = tl.zeros([R, DG // 2], tl.float32)
-                for c in tl.static_range(3):   # the max, min, avg rows of Wk[h]
-                    part = new_max if c == 0 else (new_min if c == 1 else avg)
-                    w = wk + (h * 3 * D + c * D + d[:, None]) * DG + e[None, :]   # [D, Dg / 2]
-                    lo = tl.dot(part, tl.load(w).to(tl.float32), lo, input_precision=PREC)
-                    hi = tl.dot(part, tl.load(w + DG // 2).to(tl.float32), hi, input_precision=PREC)
-                lo, hi = _norm_rope(lo, hi, pos - off, knorm, inv_freq, eps, e, WT, DG, HAS_NORM)
-                out = gate_k + (pg[:, None] * Hk + h) * DG + e[None, :]
-                tl.store(out, lo, mask=full[:, None])
-                tl.store(out + DG // 2, hi, mask=full[:, None])
-
-
-@functools.cache
-def inv_freq(dg, theta, device):
-    """A gate's RoPE frequencies [Dg / 2] on device, made once (not in the step's graph)."""
-    return rope_inv_freq(dg, theta, device)
-
-
-def seer_step(q, x, positions, page, kmax, kmin, ksum, gate_k, gate):
-    """The kernel's take on gate_query's projection + seer_pool_step: q [B, Hq, D] and the new keys
-    x [B, Hk, D] (pre-RoPE) -> shares [B, Hq, Dg] float32, q[b, j] @ Wq[j] (a group's sum, normed and
-    turned, is its gate query: seer_pick does that); kmax / kmin / ksum / gate_k (one layer's, by
-    page) updated in place."""
-    B, Hq, D = q.shape
-    Hk, Dg = x.shape[1], gate_k.shape[-1]
-    x = x if x.stride(2) == 1 else x.contiguous()      # rows and heads may be strided, channels not
-    q = q if q.stride(2) == 1 and q.stride(1) == D else q.contiguous()
-    wq, wk = gate.attngate_linear_q.weight, gate.attngate_linear_k.weight
-    shares = torch.empty(B, Hq, Dg, dtype=torch.float32, device=x.device)
-    norm = gate.knorm_weight is not None
-    _seer_step_kernel[(Hq + Hk, triton.cdiv(B, STEP_ROWS))](
-        q, q.stride(0), x, x.stride(0), x.stride(1), positions.contiguous(), page.contiguous(), kmax, kmin, ksum,
-        gate_k, shares, wq, wk, gate.knorm_weight if norm else wk, inv_freq(Dg, gate.rope_theta, x.device),
-        GATE_EPS, B, Hq=Hq, Hk=Hk, D=D, DG=Dg, S=gate.block_size, R=STEP_ROWS, HAS_NORM=norm,
-        PREC="ieee" if wq.dtype == torch.float32 else "tf32", **pdl_launch(x))
-    return shares
-
-
-# ---- seer's scores + top-k in two kernels (CUDA) ----
-# Compiled, seer_scores + pick_blocks are ~6 kernels per layer (the gather-and-dot, a masked
-# fill, torch.topk's two passes and sort, the id and token-count writes): ~48 µs per layer at
-# batch 8 x 32K on an H100. Here the scoring is spread wide (one program per SCORE_BLK blocks
-# of a (sequence, KV head) row: makes the row's gate query from seer_step's shares, gathers
-# the blocks' gate keys through the page table, dots them with it) and the picking is one
-# small program per row that keeps the row's scores in registers, finds the k-th largest by a
-# bitwise search (32 counts over the row), writes the chosen ids in block order and the new
-# token's block, and adds the tokens read to the counters. The search is 32 dependent
-# reductions: cheap within a few warps, dear across the 16 that the scoring wants, which is
-# why the two are apart.
-
-SCORE_BLK = 32    # blocks per scoring program (16 / 32 / 64 within 1 µs; H100, 2026-11-23)
-
-if triton is not None:
     @triton.jit
     def _seer_score_kernel(shares, positions, qnorm, inv_freq, eps, gate_k, table, lengths, scores, NB, P, scale,
                            Hk: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, DG: tl.constexpr, S: tl.constexpr,
@@ -537,9 +457,10 @@ if triton is not None:
         tl.store(scores + (b * Hk + h) * NB + j, s * scale, mask=j < NB)
 
     @triton.jit
-    def _seer_pick_kernel(scores, lengths, out, read, total, NB, threshold, K, W, Hk: tl.constexpr,
-                          S: tl.constexpr, TOP_K: tl.constexpr, NB_P2: tl.constexpr, W_P2: tl.constexpr,
-                          PDL: tl.constexpr):
+    def _seer_pick_kernel(scores, lengths, out, read, total, NB, threshold, K, W, x, sx_b, sx_h, positions, page, kmax,
+                          kmin, ksum, gate_k, wk, knorm, inv_freq, eps, Hk: tl.constexpr, D: tl.constexpr,
+                          DG: tl.constexpr, S: tl.constexpr, TOP_K: tl.constexpr, NB_P2: tl.constexpr,
+                          W_P2: tl.constexpr, HAS_NORM: tl.constexpr, PR: tl.constexpr, PDL: tl.constexpr):
         if PDL:
             wait_and_release()
         h, b = tl.program_id(0), tl.program_id(1)
@@ -548,6 +469,42 @@ if triton is not None:
         j = tl.arange(0, NB_P2)
         valid = j < tl.minimum(cur, NB)                                  # complete blocks before it
         score = tl.load(scores + (b * Hk + h) * NB + j, mask=valid, other=0.0)
+        # the new key into its page's running max / min (in float32: exact for bf16 / fp16, and Triton's
+        # CPU interpreter compares bf16 as raw bits) and sum
+        pos = tl.load(positions + b)
+        off = pos % S
+        d = tl.arange(0, D)
+        ph = tl.load(page + b).to(tl.int64) * Hk + h                     # head h of the new token's page
+        at = ph * D
+        xv = tl.load(x + b * sx_b + h * sx_h + d).to(tl.float32)
+        new_max = tl.where(off == 0, xv, tl.maximum(tl.load(kmax + at + d).to(tl.float32), xv))
+        new_min = tl.where(off == 0, xv, tl.minimum(tl.load(kmin + at + d).to(tl.float32), xv))
+        new_sum = tl.where(off == 0, 0.0, tl.load(ksum + at + d)) + xv
+        tl.store(kmax + at + d, new_max.to(kmax.dtype.element_ty))
+        tl.store(kmin + at + d, new_min.to(kmin.dtype.element_ty))
+        tl.store(ksum + at + d, new_sum)
+        if off == S - 1:   # the key filled its page: the gate key [max | min | avg] @ Wk[h], norm, RoPE
+            tl.debug_barrier()                                           # the stats above, stored for all threads
+            WT = wk.dtype.element_ty
+            half = tl.arange(0, DG // 2)
+            lo = tl.zeros([1, DG // 2], tl.float32)
+            hi = tl.zeros([1, DG // 2], tl.float32)
+            for c in tl.static_range(3):                                 # Wk[h]'s max, min, avg rows
+                for d0 in tl.static_range(0, D, PR):                    # (PR rows at a time: few registers)
+                    dd = d0 + tl.arange(0, PR)
+                    if c == 0:
+                        part = tl.load(kmax + at + dd).to(tl.float32)
+                    elif c == 1:
+                        part = tl.load(kmin + at + dd).to(tl.float32)
+                    else:
+                        part = (tl.load(ksum + at + dd) / S).to(WT).to(tl.float32)
+                    w = wk + (h * 3 * D + c * D + dd[:, None]) * DG + half[None, :]   # [PR, Dg / 2]
+                    lo += tl.sum(part[:, None] * tl.load(w).to(tl.float32), 0)[None, :]
+                    hi += tl.sum(part[:, None] * tl.load(w + DG // 2).to(tl.float32), 0)[None, :]
+            start = tl.zeros([1], tl.int64) + (pos - off)                # RoPE at the block's first token
+            lo, hi = _norm_rope(lo, hi, start, knorm, inv_freq, eps, half, WT, DG, HAS_NORM)
+            tl.store(gate_k + ph * DG + half[None, :], lo)
+            tl.store(gate_k + ph * DG + DG // 2 + half[None, :], hi)
         if TOP_K:   # the K best: the K-th largest key, bit by bit from the top
             bits = score.to(tl.int32, bitcast=True)
             key = (bits ^ ((bits >> 31) & 0x7FFFFFFF) ^ -2147483648).to(tl.uint32, bitcast=True)   # float order
@@ -572,29 +529,43 @@ if triton is not None:
         tl.atomic_add(total, length.to(tl.float64), mask=real)
 
 
-def seer_pick(shares, positions, gate, gate_k, table, lengths, S, k, threshold, read, total):
-    """The kernels' take on seer_scores + pick_blocks: shares [B, Hq, Dg] (seer_step's), positions [B]
-    of the new tokens, gate_k [P, Hk, Dg] -> blocks [B, Hk, k + 1] (or [B, Hk, NB + 1] with k == 0 and
-    a threshold), -1 padded."""
+@functools.cache
+def inv_freq(dg, theta, device):
+    """A gate's RoPE frequencies [Dg / 2] on device, made once (not in the step's graph)."""
+    return rope_inv_freq(dg, theta, device)
+
+
+def seer_pick(shares, x, positions, page, gate, kmax, kmin, ksum, gate_k, table, lengths, S, k, threshold,
+              read, total):
+    """The kernels' take on seer_pool_step + seer_scores + pick_blocks: shares [B, Hq, Dg] (each
+    query head's share of its group's gate query, from model.qk_norm_rope), the new pre-RoPE keys
+    x [B, Hk, D] at positions [B] in pages page [B]; kmax / kmin / ksum / gate_k one layer's, by
+    page (updated in place) -> blocks [B, Hk, k + 1] (or [B, Hk, NB + 1] with k == 0 and a
+    threshold), -1 padded."""
     B, Hq, Dg = shares.shape
-    Hk, NB = gate_k.shape[1], table.shape[1]
+    Hk, D, NB = x.shape[1], x.shape[2], table.shape[1]
     W = k + 1 if k else NB + 1
-    table, lengths = table.contiguous(), lengths.contiguous()
+    table, lengths, positions = table.contiguous(), lengths.contiguous(), positions.contiguous()
+    x = x if x.stride(2) == 1 else x.contiguous()      # rows and heads may be strided, channels not
     scores = torch.empty(B, Hk, NB, dtype=torch.float32, device=shares.device)
     out = torch.empty(B, Hk, W, dtype=torch.int32, device=shares.device)
     scale = 1.0 if k else 1.0 / math.sqrt(Dg)
+    freq = inv_freq(Dg, gate.rope_theta, shares.device)
     norm = gate.qnorm_weight   # without one, Wq stands in: the kernel then reads only its dtype
     _seer_score_kernel[(triton.cdiv(NB, SCORE_BLK), Hk, B)](
-        shares.contiguous(), positions.contiguous(), gate.attngate_linear_q.weight if norm is None else norm,
-        inv_freq(Dg, gate.rope_theta, shares.device), GATE_EPS, gate_k, table, lengths, scores, NB,
-        gate_k.shape[0], scale, Hk=Hk, G=Hq // Hk, G_P2=triton.next_power_of_2(Hq // Hk), DG=Dg, S=S,
-        BLK=SCORE_BLK, HAS_NORM=norm is not None, **pdl_launch(shares))
+        shares.contiguous(), positions, gate.attngate_linear_q.weight if norm is None else norm, freq, GATE_EPS,
+        gate_k, table, lengths, scores, NB, gate_k.shape[0], scale, Hk=Hk, G=Hq // Hk,
+        G_P2=triton.next_power_of_2(Hq // Hk), DG=Dg, S=S, BLK=SCORE_BLK, HAS_NORM=norm is not None,
+        **pdl_launch(shares))
     nb_p2 = triton.next_power_of_2(NB)
     # one warp per 128 blocks, at most 4: batch 8, one warp 7.0 / 11.2 / 17.5 µs for both kernels at 128 / 512 /
     # 1024 blocks, four 8.5 / 10.5 / 12.9; the single kernel took 11.6 / 16.1 / 20.0 (H100, 2026-11-23)
-    _seer_pick_kernel[(Hk, B)](scores, lengths, out, read, total, NB, threshold, k, W, Hk=Hk, S=S, TOP_K=k > 0,
-                               NB_P2=nb_p2, W_P2=triton.next_power_of_2(W), num_warps=min(4, max(1, nb_p2 // 128)),
-                               **pdl_launch(shares))
+    wk, knorm = gate.attngate_linear_k.weight, gate.knorm_weight
+    _seer_pick_kernel[(Hk, B)](scores, lengths, out, read, total, NB, threshold, k, W, x, x.stride(0), x.stride(1),
+                               positions, page.contiguous(), kmax, kmin, ksum, gate_k, wk,
+                               wk if knorm is None else knorm, freq, GATE_EPS, Hk=Hk, D=D, DG=Dg, S=S, TOP_K=k > 0,
+                               NB_P2=nb_p2, W_P2=triton.next_power_of_2(W), HAS_NORM=knorm is not None,
+                               PR=min(POOL_ROWS, D), num_warps=min(4, max(1, nb_p2 // 128)), **pdl_launch(shares))
     return out
 
 

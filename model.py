@@ -325,8 +325,11 @@ class Attention(nn.Module):
         """x [B, T, hidden]; cos, sin [B*T, D] -> [B, T, hidden]."""
         B, T, _ = x.shape
         pages = (step.cache.k[self.layer_idx], step.cache.v[self.layer_idx], step.slots) if step is not None else ()
-        q, k, qr, kr, v = qk_norm_rope(self.qkv_proj(x).view(B * T, -1), self.q_norm.weight, self.k_norm.weight,
-                                       cos, sin, self.hq, self.hk, self.q_norm.eps, *pages)   # [B*T, H, D] each
+        decoding = step is not None and step.block_table is not None and step.select is not None
+        wq = step.select.share_weight(self.layer_idx, x) if decoding else None   # seer's kernels want shares
+        q, k, qr, kr, v, shares = qk_norm_rope(self.qkv_proj(x).view(B * T, -1), self.q_norm.weight,
+                                               self.k_norm.weight, cos, sin, self.hq, self.hk, self.q_norm.eps,
+                                               *pages, wq=wq)       # [B*T, H, D] each; shares [B*T, Hq, Dg]
         if self.capture is not None:
             self.capture(self.layer_idx, *(t.view(B, T, -1, self.d) for t in (q, k, qr, kr)))
         if step is None or step.block_table is None:                  # dense causal over these T tokens
@@ -335,27 +338,31 @@ class Attention(nn.Module):
             qr, kr, v = (t.view(B, T, -1, self.d).transpose(1, 2) for t in (qr, kr, v))   # [B, H, T, D]
             o = F.scaled_dot_product_attention(qr, kr, v, is_causal=True, enable_gqa=True).transpose(1, 2)
         else:                                                         # decode: T == 1, through the pages
-            blocks = step.select(self.layer_idx, step, q, qr, k, kr) if step.select is not None else None
+            blocks = step.select(self.layer_idx, step, q, qr, k, kr, shares) if step.select is not None else None
             o = decode_attention(qr, step.cache.k[self.layer_idx], step.cache.v[self.layer_idx],
                                  step.block_table, step.lengths, blocks)
         return self.o_proj(o.reshape(B, T, self.hq * self.d))
 
 
-def qk_norm_rope(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None, v_pages=None, slots=None):
+def qk_norm_rope(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None, v_pages=None, slots=None, wq=None):
     """One layer's projections qkv [N, (Hq + 2 Hk) D] -> q, k (QK-normed, pre-RoPE: what the gate
-    reads), qr, kr (post-RoPE), v, each [N, H, D]; cos, sin [N, D]. With a layer's pages
-    k_pages, v_pages [P, S, Hk, D], kr and v are also written at flat slots [N]. On CUDA without
-    autograd (and a power-of-two head_dim), one Triton kernel does it all: compiled, the norms,
-    RoPE and writes were 8 kernels, 17.5 µs per layer in a Qwen3-8B batch-8 decode step, the
-    kernel 2.6 µs (H200)."""
+    reads), qr, kr (post-RoPE), v, each [N, H, D], and shares; cos, sin [N, D]. With a layer's pages
+    k_pages, v_pages [P, S, Hk, D], kr and v are also written at flat slots [N]. With a gate's
+    query weight wq [Hk, G, D, Dg], shares [N, Hq, Dg] float32 is q[n, j] @ wq's slice for query
+    head j, the head's share of its group's gate query (gate.seer_pick sums, norms and turns it);
+    else None. On CUDA without autograd (and power-of-two widths), one Triton kernel does it all:
+    compiled, the norms, RoPE and writes were 8 kernels, 17.5 µs per layer in a Qwen3-8B batch-8
+    decode step, the kernel 2.6 µs (H200)."""
     d = qkv.shape[1] // (hq + 2 * hk)
-    if on_triton(qkv) and d & (d - 1) == 0:
-        return qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages, slots)
+    if on_triton(qkv) and d & (d - 1) == 0 and (wq is None or wq.shape[-1] & (wq.shape[-1] - 1) == 0):
+        return qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages, slots, wq)
     q, k, qr, kr, v = qk_norm_rope_torch(qkv, q_norm, k_norm, cos, sin, hq, hk, eps)
     if k_pages is not None:
         k_pages.view(-1, hk, kr.shape[-1])[slots] = kr.to(k_pages.dtype)
         v_pages.view(-1, hk, v.shape[-1])[slots] = v.to(v_pages.dtype)
-    return q, k, qr, kr, v
+    shares = None if wq is None else torch.einsum("nhd,hde->nhe", q.to(wq.dtype).float(),
+                                                  wq.reshape(hq, d, -1).float())
+    return q, k, qr, kr, v, shares
 
 
 @fused
@@ -365,60 +372,82 @@ def qk_norm_rope_torch(qkv, q_norm, k_norm, cos, sin, hq: int, hk: int, eps: flo
     return q, k, rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
+QK_ROWS = 16    # tokens per program of the q/k kernel: tl.dot's smallest tile, for the shares
+
 if triton is not None:
     @triton.jit
     def _qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, q_out, qr_out, k_out, kr_out, k_pages, v_pages, slots,
-                             eps, Hq: tl.constexpr, Hk: tl.constexpr, D: tl.constexpr, WRITE: tl.constexpr,
+                             wq, shares, N, eps, Hq: tl.constexpr, Hk: tl.constexpr, D: tl.constexpr,
+                             R: tl.constexpr, WRITE: tl.constexpr, DG: tl.constexpr, PREC: tl.constexpr,
                              PDL: tl.constexpr):
-        """One program per (token t, head j): j < Hq a query head, else key head j - Hq (and its value)."""
+        """One program per (R tokens t, head j): j < Hq a query head (and, with DG > 0, its gate-query
+        share q @ wq[j], on the tensor cores: wq[j] read once for the R tokens), else key head j - Hq
+        (and its value)."""
         if PDL:
             wait_and_release()
-        t, j = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        i, j = tl.program_id(0), tl.program_id(1)
         DT = q_out.dtype.element_ty
-        e = tl.arange(0, D // 2)                                         # RoPE turns pairs (e, e + D / 2)
+        t = (i * R + tl.arange(0, R)).to(tl.int64)[:, None]             # [R, 1] this program's tokens
+        live = t < N
+        e = tl.arange(0, D // 2)[None, :]                                # RoPE turns pairs (e, e + D / 2)
         row = qkv + (t * (Hq + 2 * Hk) + j) * D
-        lo, hi = tl.load(row + e).to(tl.float32), tl.load(row + D // 2 + e).to(tl.float32)
+        lo = tl.load(row + e, mask=live, other=0.0).to(tl.float32)     # [R, D / 2]
+        hi = tl.load(row + D // 2 + e, mask=live, other=0.0).to(tl.float32)
         w = q_norm if j < Hq else k_norm
-        r = tl.rsqrt((tl.sum(lo * lo, 0) + tl.sum(hi * hi, 0)) / D + eps)   # RMSNorm in float32, as rms_norm
+        r = tl.rsqrt((tl.sum(lo * lo, 1) + tl.sum(hi * hi, 1)) / D + eps)[:, None]   # RMSNorm in float32
         lo = ((lo * r).to(DT).to(tl.float32) * tl.load(w + e).to(tl.float32)).to(DT)
         hi = ((hi * r).to(DT).to(tl.float32) * tl.load(w + D // 2 + e).to(tl.float32)).to(DT)
-        c_lo, c_hi = tl.load(cos + t * D + e).to(tl.float32), tl.load(cos + t * D + D // 2 + e).to(tl.float32)
-        s_lo, s_hi = tl.load(sin + t * D + e).to(tl.float32), tl.load(sin + t * D + D // 2 + e).to(tl.float32)
+        c_lo = tl.load(cos + t * D + e, mask=live).to(tl.float32)
+        c_hi = tl.load(cos + t * D + D // 2 + e, mask=live).to(tl.float32)
+        s_lo = tl.load(sin + t * D + e, mask=live).to(tl.float32)
+        s_hi = tl.load(sin + t * D + D // 2 + e, mask=live).to(tl.float32)
         r_lo = (lo.to(tl.float32) * c_lo - hi.to(tl.float32) * s_lo).to(DT)
         r_hi = (hi.to(tl.float32) * c_hi + lo.to(tl.float32) * s_hi).to(DT)
         if j < Hq:
             at = (t * Hq + j) * D + e
-            tl.store(q_out + at, lo)
-            tl.store(q_out + at + D // 2, hi)
-            tl.store(qr_out + at, r_lo)
-            tl.store(qr_out + at + D // 2, r_hi)
+            tl.store(q_out + at, lo, mask=live)
+            tl.store(q_out + at + D // 2, hi, mask=live)
+            tl.store(qr_out + at, r_lo, mask=live)
+            tl.store(qr_out + at + D // 2, r_hi, mask=live)
+            if DG > 0:   # q @ wq[j] [R, DG]: rounded to the gate's dtype as gate_query rounds, dot in float32
+                WT = wq.dtype.element_ty   # (tf32 holds bf16 / fp16 products exactly; the CPU interpreter cannot dot bf16)
+                d, n = tl.arange(0, D // 2)[:, None], tl.arange(0, DG)[None, :]
+                share = tl.dot(lo.to(WT).to(tl.float32), tl.load(wq + (j * D + d) * DG + n).to(tl.float32),
+                               input_precision=PREC)
+                share = tl.dot(hi.to(WT).to(tl.float32), tl.load(wq + (j * D + D // 2 + d) * DG + n).to(tl.float32),
+                               share, input_precision=PREC)
+                tl.store(shares + (t * Hq + j) * DG + n, share, mask=live)
         else:
             at = (t * Hk + j - Hq) * D + e
-            tl.store(k_out + at, lo)
-            tl.store(k_out + at + D // 2, hi)
-            tl.store(kr_out + at, r_lo)
-            tl.store(kr_out + at + D // 2, r_hi)
+            tl.store(k_out + at, lo, mask=live)
+            tl.store(k_out + at + D // 2, hi, mask=live)
+            tl.store(kr_out + at, r_lo, mask=live)
+            tl.store(kr_out + at + D // 2, r_hi, mask=live)
             if WRITE:   # K (post-RoPE) and V into the page slot
-                page = (tl.load(slots + t) * Hk + j - Hq) * D + e
-                tl.store(k_pages + page, r_lo.to(k_pages.dtype.element_ty))
-                tl.store(k_pages + page + D // 2, r_hi.to(k_pages.dtype.element_ty))
+                page = (tl.load(slots + t, mask=live) * Hk + j - Hq) * D + e
+                tl.store(k_pages + page, r_lo.to(k_pages.dtype.element_ty), mask=live)
+                tl.store(k_pages + page + D // 2, r_hi.to(k_pages.dtype.element_ty), mask=live)
                 v = row + Hk * D
-                tl.store(v_pages + page, tl.load(v + e).to(v_pages.dtype.element_ty))
-                tl.store(v_pages + page + D // 2, tl.load(v + D // 2 + e).to(v_pages.dtype.element_ty))
+                tl.store(v_pages + page, tl.load(v + e, mask=live).to(v_pages.dtype.element_ty), mask=live)
+                tl.store(v_pages + page + D // 2, tl.load(v + D // 2 + e, mask=live).to(v_pages.dtype.element_ty),
+                         mask=live)
 
 
-def qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None, v_pages=None, slots=None):
-    """qk_norm_rope as one Triton kernel (head_dim a power of two)."""
+def qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None, v_pages=None, slots=None, wq=None):
+    """qk_norm_rope as one Triton kernel (head_dim and the gate width powers of two)."""
     N = qkv.shape[0]
     D = qkv.shape[1] // (hq + 2 * hk)
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     q, qr = (torch.empty(N, hq, D, dtype=qkv.dtype, device=qkv.device) for _ in range(2))
     k, kr = (torch.empty(N, hk, D, dtype=qkv.dtype, device=qkv.device) for _ in range(2))
     write = k_pages is not None
-    _qk_norm_rope_kernel[(N, hq + hk)](qkv, q_norm, k_norm, cos, sin, q, qr, k, kr, k_pages if write else k,
-                                       v_pages if write else k, slots if write else qkv, eps, Hq=hq, Hk=hk, D=D,
-                                       WRITE=write, **pdl_launch(qkv))
-    return q, k, qr, kr, qkv.view(N, hq + 2 * hk, D)[:, hq + hk:]
+    shares = None if wq is None else torch.empty(N, hq, wq.shape[-1], dtype=torch.float32, device=qkv.device)
+    _qk_norm_rope_kernel[(triton.cdiv(N, QK_ROWS), hq + hk)](
+        qkv, q_norm, k_norm, cos, sin, q, qr, k, kr, k_pages if write else k, v_pages if write else k,
+        slots if write else qkv, k if wq is None else wq.contiguous(), k if wq is None else shares, N, eps, Hq=hq,
+        Hk=hk, D=D, R=QK_ROWS, WRITE=write, DG=0 if wq is None else wq.shape[-1],
+        PREC="ieee" if wq is not None and wq.dtype == torch.float32 else "tf32", **pdl_launch(qkv))
+    return q, k, qr, kr, qkv.view(N, hq + 2 * hk, D)[:, hq + hk:], shares
 
 
 class MLP(nn.Module):

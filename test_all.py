@@ -285,26 +285,32 @@ def test_rms_norm_kernel_matches_float64_with_and_without_the_residual_add(H):
 @pytest.mark.parametrize("hq,hk,D", [(4, 2, 64), (6, 2, 128)])
 def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D):
     """model.qk_norm_rope_kernel (one Triton kernel: QK RMSNorm, RoPE, K and V into their page
-    slots) against the same steps in float64: per-head RMS norm times the weight, then RoPE at
-    each token's position; K (post-RoPE) and V land in the given slots and nowhere else."""
+    slots, each query head's gate-query share) against the same steps in float64: per-head RMS
+    norm times the weight, then RoPE at each token's position; K (post-RoPE) and V land in the
+    given slots and nowhere else; the share is the normed query head @ its slice of the gate's
+    Wq. 21 tokens: the kernel takes 16 a program, so the second program's are mostly masked."""
     torch.manual_seed(D)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    N, P, S, theta, eps = 5, 4, 8, 1e4, 1e-6
+    N, P, S, theta, eps = 21, 4, 8, 1e4, 1e-6
     qkv = (3 * torch.randn(N, (hq + 2 * hk) * D, device=dev)).bfloat16()
     q_norm, k_norm = (torch.empty(D, device=dev).uniform_(0.5, 1.5).bfloat16() for _ in range(2))
-    pos = torch.tensor([0, 3, 17, 100, 4000], device=dev)
+    pos = torch.tensor([0, 3, 17, 100, 4000] + list(range(200, 216)), device=dev)
     cos, sin = M.cos_sin(pos, D, theta, torch.bfloat16)
     k_pages, v_pages = (torch.full((P, S, hk, D), 7.0, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    slots = torch.tensor([5, 9, 31, 0, 17], device=dev)
-    q, k, qr, kr, v = M.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages, slots)
+    slots = torch.randperm(P * S, device=dev)[:N]
+    q, k, qr, kr, v, none = M.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages,
+                                                  slots)
     x = qkv.double().view(N, hq + 2 * hk, D)
     q64, k64 = rms_norm64(x[:, :hq], q_norm, eps), rms_norm64(x[:, hq:hq + hk], k_norm, eps)
     at = pos.double()[:, None, None]
     for got, want in ((q, q64), (k, k64), (qr, rope64(q64, at, theta)), (kr, rope64(k64, at, theta))):
         assert ((got.double() - want).abs().max() / want.abs().max()).item() < 2e-2   # bf16: ~2 ulps
-    assert torch.equal(v, x[:, hq + hk:].bfloat16())
-    no_pages = M.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps)     # no cache: nothing written
-    assert all(torch.equal(a, b) for a, b in zip(no_pages, (q, k, qr, kr, v)))
+    assert torch.equal(v, x[:, hq + hk:].bfloat16()) and none is None
+    wq = GT.AttnGate(hk, hq // hk, D, 32, S, True, theta).to(dev, torch.bfloat16).attngate_linear_q.weight
+    *no_pages, shares = M.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, wq=wq)   # no cache
+    assert all(torch.equal(a, b) for a, b in zip(no_pages, (q, k, qr, kr, v)))                     # nothing written
+    want = torch.einsum("nhd,hde->nhe", q.double(), wq.double().view(hq, D, 32))   # of the bf16 normed q
+    assert shares.dtype == torch.float32 and torch.allclose(shares.double(), want, rtol=1e-5, atol=1e-5)
     k_flat, v_flat = k_pages.view(-1, hk, D), v_pages.view(-1, hk, D)
     assert torch.equal(k_flat[slots], kr) and torch.equal(v_flat[slots], v)
     others = torch.ones(P * S, dtype=torch.bool, device=dev)
@@ -473,6 +479,10 @@ def test_seer_pick_kernel_matches_float64_topk_and_threshold(dg, S, NB, G):
     gate_k[::3] = gate_k[::3].round()                        # some exactly equal scores
     table = torch.randperm(P, device=dev)[:B * NB].view(B, NB).int()
     lengths = torch.tensor([0, 1, S - 3, 4 * S, NB * S, NB * S // 2 + 7], dtype=torch.int32, device=dev)
+    # the new keys, pooled into their own (current) page's stats on the way: no score here reads that page
+    page = table.gather(1, ((lengths.long() - 1).clamp(min=0) // S)[:, None])[:, 0].long()
+    x = torch.randn(B, Hk, 8, device=dev).bfloat16()
+    stats = [torch.zeros(P, Hk, 8, device=dev, dtype=dt) for dt in (torch.bfloat16, torch.bfloat16, torch.float32)]
     for norm in (False, True):
         gate = GT.AttnGate(Hk, G, 8, dg, S, norm, theta).to(dev, torch.bfloat16)
         if norm:
@@ -487,7 +497,8 @@ def test_seer_pick_kernel_matches_float64_topk_and_threshold(dg, S, NB, G):
         s64 = torch.einsum("bhe,bjhe->bhj", gq, gate_k[table.long()].double())    # [B, Hk, NB]
         for k, thr in ((1, 0.0), (3, 0.0), (min(NB, 40), 0.0), (NB, 0.0), (0, 0.01)):
             read, total = (torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(2))
-            out = GT.seer_pick(shares, pos, gate, gate_k, table, lengths, S, k, thr, read, total).cpu()
+            out = GT.seer_pick(shares, x, pos, page, gate, *stats, gate_k, table, lengths, S, k, thr, read, total)
+            out = out.cpu()
             want_read = want_total = 0
             for b, n in enumerate(lengths.tolist()):
                 cur = max(n - 1, 0) // S
@@ -520,11 +531,11 @@ def norm_rope64(g, norm, pos, theta):
 
 @pytest.mark.skipif(GT.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
 @pytest.mark.parametrize("D,dg,S,G,norm", [(64, 32, 8, 2, True), (128, 128, 64, 4, False), (64, 64, 16, 3, True)])
-def test_seer_step_kernel_matches_float64_gate_query_shares_pooling_and_gate_keys(D, dg, S, G, norm):
-    """gate.seer_step, fed one decode step at a time (three sequences, shuffled pages), returns each
-    step's gate-query shares, and leaves every page's running max / min / sum of its keys and
-    every full page's gate key, as a float64 computation written here gives them: each query head
-    @ its Wq slice, and [max | min | mean] @ Wk, RMS norm, RoPE at the block start."""
+def test_seer_pick_kernel_pools_keys_and_makes_gate_keys_as_float64(D, dg, S, G, norm):
+    """gate.seer_pick, fed one decode step at a time (three sequences, shuffled pages, stale stats
+    in the pages), leaves every page's running max / min / sum of its keys and every full page's
+    gate key as a float64 computation written here gives them: [max | min | mean] @ Wk, RMS
+    norm, RoPE at the block start. Pages it was not given stay untouched."""
     torch.manual_seed(D + S)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     B, Hk, theta, T = 3, 2, 1e4, 2 * S + 3
@@ -538,14 +549,15 @@ def test_seer_step_kernel_matches_float64_gate_query_shares_pooling_and_gate_key
     unused = kmax[P - 1].clone()
     gate_k = torch.full((P, Hk, dg), 7.0, device=dev, dtype=torch.bfloat16)
     pages = torch.randperm(P - 1, device=dev)[:B * 3].view(B, 3)       # page P - 1 is never used
+    table = pages.int()
     keys = torch.randn(T, B, Hk, 2 * D, device=dev).bfloat16()[..., :D]   # heads strided, as a split of qkv can be
-    queries = torch.randn(T, B, Hk * G, D, device=dev).bfloat16()
-    wq = gate.attngate_linear_q.weight.double()                        # [Hk, G, D, dg]
+    shares = torch.randn(B, Hk * G, dg, device=dev)
+    read, total = (torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(2))
     for t in range(T):
         pos = torch.full((B,), t, device=dev)
-        shares = GT.seer_step(queries[t], keys[t], pos, pages[:, t // S], kmax, kmin, ksum, gate_k, gate)
-        want = torch.einsum("bhgd,hgde->bhge", queries[t].double().view(B, Hk, G, D), wq).reshape(B, Hk * G, dg)
-        assert shares.dtype == torch.float32 and torch.allclose(shares.double(), want, rtol=1e-5, atol=1e-5), t
+        lengths = torch.full((B,), t + 1, dtype=torch.int32, device=dev)
+        GT.seer_pick(shares, keys[t], pos, pages[:, t // S], gate, kmax, kmin, ksum, gate_k, table, lengths, S, 1,
+                     0.0, read, total)
     wk = gate.attngate_linear_k.weight.double()                        # [Hk, 3D, dg]
     for b in range(B):
         for j in range(3):
@@ -576,18 +588,19 @@ build(GT._seer_score_kernel, dict(shares="*fp32", positions="*i64", qnorm=ptr, i
       dict(Hk=8, G=4, G_P2=4, DG=128, S=64, BLK=GT.SCORE_BLK, HAS_NORM=True, PDL=True))
 for top_k, nb in ((True, 512), (False, 2048)):   # Qwen3-8B shapes: Hk 8, block 64
     build(GT._seer_pick_kernel, dict(scores="*fp32", lengths="*i32", out="*i32", read="*fp64", total="*fp64",
-                                     NB=i32, threshold=f32, K=i32, W=i32),
-          dict(Hk=8, S=64, TOP_K=top_k, NB_P2=nb, W_P2=128 if top_k else 4096, PDL=True))
-build(GT._seer_step_kernel, dict(q=ptr, sq_b=i32, x=ptr, sx_b=i32, sx_h=i32, positions="*i64", page="*i64",
-                                 kmax=ptr, kmin=ptr, ksum="*fp32", gate_k=ptr, shares="*fp32", wq=ptr, wk=ptr,
-                                 knorm=ptr, inv_freq="*fp32", eps=f32, B=i32),
-      dict(Hq=32, Hk=8, D=128, DG=128, S=64, R=GT.STEP_ROWS, HAS_NORM=True, PREC="tf32", PDL=True))
+                                     NB=i32, threshold=f32, K=i32, W=i32, x=ptr, sx_b=i32, sx_h=i32,
+                                     positions="*i64", page="*i64", kmax=ptr, kmin=ptr, ksum="*fp32", gate_k=ptr,
+                                     wk=ptr, knorm=ptr, inv_freq="*fp32", eps=f32),
+          dict(Hk=8, D=128, DG=128, S=64, TOP_K=top_k, NB_P2=nb, W_P2=128 if top_k else 4096, HAS_NORM=True,
+               PR=GT.POOL_ROWS, PDL=True))
 for glu in (False, True):
     build(M._linear_kernel, dict(x=ptr, w=ptr, out=ptr, M=i32, N=i32, K=i32),
           dict(BN=32, BK=256, PREC="tf32", GLU=glu, PDL=True))
-build(M._qk_norm_rope_kernel, dict(qkv=ptr, q_norm=ptr, k_norm=ptr, cos=ptr, sin=ptr, q_out=ptr, qr_out=ptr,
-                                  k_out=ptr, kr_out=ptr, k_pages=ptr, v_pages=ptr, slots="*i64", eps=f32),
-      dict(Hq=32, Hk=8, D=128, WRITE=True, PDL=True))
+for dg in (0, 128):   # without and with the gate-query shares
+    build(M._qk_norm_rope_kernel, dict(qkv=ptr, q_norm=ptr, k_norm=ptr, cos=ptr, sin=ptr, q_out=ptr, qr_out=ptr,
+                                      k_out=ptr, kr_out=ptr, k_pages=ptr, v_pages=ptr, slots="*i64", wq=ptr,
+                                      shares="*fp32", N=i32, eps=f32),
+          dict(Hq=32, Hk=8, D=128, R=M.QK_ROWS, WRITE=True, DG=dg, PREC="tf32", PDL=True))
 for add in (False, True):
     build(M._rms_norm_kernel, dict(x=ptr, res=ptr, w=ptr, out=ptr, s_out=ptr, H=i32, eps=f32),
           dict(BH=4096, ADD=add, PDL=True))
@@ -611,13 +624,13 @@ class Spy:
     def __init__(self, sel, captured):
         self.sel, self.captured = sel, captured
 
-    def __call__(self, layer, step, q, qr, k, kr):
-        blocks = self.sel(layer, step, q, qr, k, kr)
+    def __call__(self, layer, step, q, qr, k, kr, shares=None):
+        blocks = self.sel(layer, step, q, qr, k, kr, shares)
         self.captured[layer] = (qr.clone(), blocks.clone(), step.block_table.clone(), step.lengths.clone())
         return blocks
 
-    def prefill(self, *a):
-        return self.sel.prefill(*a)
+    def __getattr__(self, name):   # prefill, share_weight, ...
+        return getattr(self.sel, name)
 
 
 def test_gate_folder_round_trip_and_published_layout(tmp_path):
