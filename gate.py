@@ -498,9 +498,9 @@ if triton is not None:
                         part = tl.load(kmin + at + dd).to(tl.float32)
                     else:
                         part = (tl.load(ksum + at + dd) / S).to(WT).to(tl.float32)
-                    w = wk + (h * 3 * D + c * D + dd[:, None]) * DG + half[None, :]   # [PR, Dg / 2]
-                    lo += tl.sum(part[:, None] * tl.load(w).to(tl.float32), 0)[None, :]
-                    hi += tl.sum(part[:, None] * tl.load(w + DG // 2).to(tl.float32), 0)[None, :]
+                    wrows = wk + (h * 3 * D + c * D + dd[:, None]) * DG + half[None, :]   # [PR, Dg / 2]
+                    lo += tl.sum(part[:, None] * tl.load(wrows).to(tl.float32), 0)[None, :]
+                    hi += tl.sum(part[:, None] * tl.load(wrows + DG // 2).to(tl.float32), 0)[None, :]
             start = tl.zeros([1], tl.int64) + (pos - off)                # RoPE at the block's first token
             lo, hi = _norm_rope(lo, hi, start, knorm, inv_freq, eps, half, WT, DG, HAS_NORM)
             tl.store(gate_k + ph * DG + half[None, :], lo)
