@@ -372,7 +372,7 @@ def qk_norm_rope_torch(qkv, q_norm, k_norm, cos, sin, hq: int, hk: int, eps: flo
     return q, k, rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
-QK_ROWS = 16    # tokens per program of the q/k kernel: tl.dot's smallest tile, for the shares
+QK_ROWS = 16    # tokens per program of the q/k kernel making shares: tl.dot's smallest tile
 
 if triton is not None:
     @triton.jit
@@ -442,10 +442,11 @@ def qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None
     k, kr = (torch.empty(N, hk, D, dtype=qkv.dtype, device=qkv.device) for _ in range(2))
     write = k_pages is not None
     shares = None if wq is None else torch.empty(N, hq, wq.shape[-1], dtype=torch.float32, device=qkv.device)
-    _qk_norm_rope_kernel[(triton.cdiv(N, QK_ROWS), hq + hk)](
+    R = 1 if wq is None else QK_ROWS   # (16 rows a program without shares: 2.6 -> 3.4 µs, H200)
+    _qk_norm_rope_kernel[(triton.cdiv(N, R), hq + hk)](
         qkv, q_norm, k_norm, cos, sin, q, qr, k, kr, k_pages if write else k, v_pages if write else k,
         slots if write else qkv, k if wq is None else wq.contiguous(), k if wq is None else shares, N, eps, Hq=hq,
-        Hk=hk, D=D, R=QK_ROWS, WRITE=write, DG=0 if wq is None else wq.shape[-1],
+        Hk=hk, D=D, R=R, WRITE=write, DG=0 if wq is None else wq.shape[-1],
         PREC="ieee" if wq is not None and wq.dtype == torch.float32 else "tf32", **pdl_launch(qkv))
     return q, k, qr, kr, qkv.view(N, hq + 2 * hk, D)[:, hq + hk:], shares
 

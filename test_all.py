@@ -288,7 +288,8 @@ def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D
     slots, each query head's gate-query share) against the same steps in float64: per-head RMS
     norm times the weight, then RoPE at each token's position; K (post-RoPE) and V land in the
     given slots and nowhere else; the share is the normed query head @ its slice of the gate's
-    Wq. 21 tokens: the kernel takes 16 a program, so the second program's are mostly masked."""
+    Wq. 21 tokens: making shares, the kernel takes 16 a program (the second one's mostly masked),
+    else one."""
     torch.manual_seed(D)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     N, P, S, theta, eps = 21, 4, 8, 1e4, 1e-6
@@ -596,11 +597,11 @@ for top_k, nb in ((True, 512), (False, 2048)):   # Qwen3-8B shapes: Hk 8, block 
 for glu in (False, True):
     build(M._linear_kernel, dict(x=ptr, w=ptr, out=ptr, M=i32, N=i32, K=i32),
           dict(BN=32, BK=256, PREC="tf32", GLU=glu, PDL=True))
-for dg in (0, 128):   # without and with the gate-query shares
+for dg, rows in ((0, 1), (128, M.QK_ROWS)):   # without and with the gate-query shares
     build(M._qk_norm_rope_kernel, dict(qkv=ptr, q_norm=ptr, k_norm=ptr, cos=ptr, sin=ptr, q_out=ptr, qr_out=ptr,
                                       k_out=ptr, kr_out=ptr, k_pages=ptr, v_pages=ptr, slots="*i64", wq=ptr,
                                       shares="*fp32", N=i32, eps=f32),
-          dict(Hq=32, Hk=8, D=128, R=M.QK_ROWS, WRITE=True, DG=dg, PREC="tf32", PDL=True))
+          dict(Hq=32, Hk=8, D=128, R=rows, WRITE=True, DG=dg, PREC="tf32", PDL=True))
 for add in (False, True):
     build(M._rms_norm_kernel, dict(x=ptr, res=ptr, w=ptr, out=ptr, s_out=ptr, H=i32, eps=f32),
           dict(BH=4096, ADD=add, PDL=True))
