@@ -265,7 +265,7 @@ class Selector:
 
     def __call__(self, layer, step, q, qr, k, kr, shares=None):
         """One decode step: q, qr [B, Hq, D] and k, kr [B, Hk, D] (pre-/post-RoPE; k, kr already in
-        the pages at step.slots), and shares [B, Hq, Dg] where share_weight asked for them -> blocks
+        the pages at step.slots), and shares [B, Hq, Dg] if the q/k kernel made them (share_weight) -> blocks
         [B, Hk, K] logical ids, -1 padded, or None (dense). The new keys are folded into their
         pages' pooled keys on the way."""
         if self.attn == "dense":

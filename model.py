@@ -349,9 +349,10 @@ def qk_norm_rope(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None, v_pag
     """One layer's projections qkv [N, (Hq + 2 Hk) D] -> q, k (QK-normed, pre-RoPE: what the gate
     reads), qr, kr (post-RoPE), v, each [N, H, D], and shares; cos, sin [N, D]. With a layer's pages
     k_pages, v_pages [P, S, Hk, D], kr and v are also written at flat slots [N]. With a gate's
-    query weight wq [Hk, G, D, Dg], shares [N, Hq, Dg] float32 is q[n, j] @ wq's slice for query
-    head j, the head's share of its group's gate query (gate.seer_pick sums, norms and turns it);
-    else None. On CUDA without autograd (and power-of-two widths), one Triton kernel does it all:
+    query weight wq [Hk, G, D, Dg], the kernel also writes shares [N, Hq, Dg] float32, q[n, j] @
+    wq's slice for query head j: the head's share of its group's gate query (gate.seer_pick
+    sums, norms and turns it). Else shares is None, and the selector makes its gate query
+    itself. On CUDA without autograd (and power-of-two widths), one Triton kernel does it all:
     compiled, the norms, RoPE and writes were 8 kernels, 17.5 µs per layer in a Qwen3-8B batch-8
     decode step, the kernel 2.6 µs, 4.2 with the shares (H200)."""
     d = qkv.shape[1] // (hq + 2 * hk)
@@ -361,9 +362,7 @@ def qk_norm_rope(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None, v_pag
     if k_pages is not None:
         k_pages.view(-1, hk, kr.shape[-1])[slots] = kr.to(k_pages.dtype)
         v_pages.view(-1, hk, v.shape[-1])[slots] = v.to(v_pages.dtype)
-    shares = None if wq is None else torch.einsum("nhd,hde->nhe", q.to(wq.dtype).float(),
-                                                  wq.reshape(hq, d, -1).float())
-    return q, k, qr, kr, v, shares
+    return q, k, qr, kr, v, None
 
 
 @fused
