@@ -410,7 +410,7 @@ if triton is not None:
             tl.store(qr_out + at, r_lo, mask=live)
             tl.store(qr_out + at + D // 2, r_hi, mask=live)
             if DG > 0:   # q @ wq[j] [R, DG]: rounded to the gate's dtype as gate_query rounds, dot in float32
-                WT = wq.dtype.element_ty   # (tf32 holds bf16 / fp16 products exactly; the CPU interpreter cannot dot bf16)
+                WT = wq.dtype.element_ty   # (tf32 holds bf16 / fp16 products exactly; the interpreter can't dot bf16)
                 d, n = tl.arange(0, D // 2)[:, None], tl.arange(0, DG)[None, :]
                 share = tl.dot(lo.to(WT).to(tl.float32), tl.load(wq + (j * D + d) * DG + n).to(tl.float32),
                                input_precision=PREC)
