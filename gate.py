@@ -433,7 +433,7 @@ if triton is not None:
     def _seer_score_kernel(shares, positions, qnorm, inv_freq, eps, gate_k, table, lengths, scores, NB, P, scale,
                            Hk: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, DG: tl.constexpr, S: tl.constexpr,
                            BLK: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
+        if PDL:   # (its gate keys read before the wait made the step slower: 6.12 -> 6.20 ms, H200)
             wait_and_release()
         c, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         WT = qnorm.dtype.element_ty
@@ -461,10 +461,21 @@ if triton is not None:
                           kmin, ksum, gate_k, wk, knorm, inv_freq, eps, Hk: tl.constexpr, D: tl.constexpr,
                           DG: tl.constexpr, S: tl.constexpr, TOP_K: tl.constexpr, NB_P2: tl.constexpr,
                           W_P2: tl.constexpr, HAS_NORM: tl.constexpr, PR: tl.constexpr, PDL: tl.constexpr):
+        h, b = tl.program_id(0), tl.program_id(1)
+        # Before the wait (model.pdl_launch), what older kernels wrote: the step's inputs, and the running stats
+        # of the new key's page (this kernel's, at earlier steps), which the pooling below takes last
+        length = tl.load(lengths + b, cache_modifier=".cg")
+        pos = tl.load(positions + b, cache_modifier=".cg")
+        off = pos % S
+        d = tl.arange(0, D)
+        ph = tl.load(page + b, cache_modifier=".cg").to(tl.int64) * Hk + h   # head h of the new token's page
+        at = ph * D
+        old_max = tl.load(kmax + at + d, cache_modifier=".cg").to(tl.float32)
+        old_min = tl.load(kmin + at + d, cache_modifier=".cg").to(tl.float32)
+        old_sum = tl.load(ksum + at + d, cache_modifier=".cg")
         if PDL:
             wait_and_release()
-        h, b = tl.program_id(0), tl.program_id(1)
-        length = tl.load(lengths + b)
+        xv = tl.load(x + b * sx_b + h * sx_h + d).to(tl.float32)        # the new key (the q/k kernel's)
         cur = tl.maximum(length - 1, 0) // S                             # block of the new token
         j = tl.arange(0, NB_P2)
         valid = j < tl.minimum(cur, NB)                                  # complete blocks before it
@@ -494,15 +505,9 @@ if triton is not None:
         # last, the new key into its page's running max / min (in float32: exact for bf16 / fp16, and Triton's
         # CPU interpreter compares bf16 as raw bits) and sum. (Ahead of the search, the kernel took 17.2 µs, not
         # 9.0: Qwen3-8B, batch 8 x 32K, H200.)
-        pos = tl.load(positions + b)
-        off = pos % S
-        d = tl.arange(0, D)
-        ph = tl.load(page + b).to(tl.int64) * Hk + h                     # head h of the new token's page
-        at = ph * D
-        xv = tl.load(x + b * sx_b + h * sx_h + d).to(tl.float32)
-        new_max = tl.where(off == 0, xv, tl.maximum(tl.load(kmax + at + d).to(tl.float32), xv))
-        new_min = tl.where(off == 0, xv, tl.minimum(tl.load(kmin + at + d).to(tl.float32), xv))
-        new_sum = tl.where(off == 0, 0.0, tl.load(ksum + at + d)) + xv
+        new_max = tl.where(off == 0, xv, tl.maximum(old_max, xv))
+        new_min = tl.where(off == 0, xv, tl.minimum(old_min, xv))
+        new_sum = tl.where(off == 0, 0.0, old_sum) + xv
         tl.store(kmax + at + d, new_max.to(kmax.dtype.element_ty))
         tl.store(kmin + at + d, new_min.to(kmin.dtype.element_ty))
         tl.store(ksum + at + d, new_sum)
