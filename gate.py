@@ -406,8 +406,9 @@ def use_triton(x, gate):
 # page's gate key as AttnGate.key does (rounding where PyTorch rounds). That page holds the
 # new token, so no score of this step reads its key.
 # Qwen3-8B, batch 8 x 32K, seer 4,096, H200 (2026-11-30), per layer: with the shares and the
-# pooling in a kernel of their own (`seer_step`, 4.1 µs) the decode step ran 6.20 ms; here the
-# q/k kernel takes 2.6 -> 4.2 µs, the pick 8.1 -> 9.0, the scores 6.2 as before, the step 6.13.
+# pooling in a kernel of their own (`seer_step`, 4.1 µs) the decode step ran 6.20 ms; without
+# it (6156b1d) the q/k kernel took 2.6 -> 4.2 µs, the pick 8.1 -> 9.0, the scores 6.2 as
+# before, the step 6.13. Reads moved ahead of the PDL wait (836daf8): q/k 3.8, pick 8.4, 6.12.
 
 SCORE_BLK = 32    # blocks per scoring program (16 / 32 / 64 within 1 µs; H100, 2026-11-23)
 POOL_ROWS = 16    # rows of Wk[h] at a time when the pick makes a gate key
@@ -503,8 +504,8 @@ if triton is not None:
         tl.atomic_add(read, (n * S + length - cur * S).to(tl.float64), mask=real)
         tl.atomic_add(total, length.to(tl.float64), mask=real)
         # last, the new key into its page's running max / min (in float32: exact for bf16 / fp16, and Triton's
-        # CPU interpreter compares bf16 as raw bits) and sum. (Ahead of the search, the kernel took 17.2 µs, not
-        # 9.0: Qwen3-8B, batch 8 x 32K, H200.)
+        # CPU interpreter compares bf16 as raw bits) and sum. (This pooling ahead of the search took the kernel
+        # 17.2 µs, not 9.0: Qwen3-8B, batch 8 x 32K, H200.)
         new_max = tl.where(off == 0, xv, tl.maximum(old_max, xv))
         new_min = tl.where(off == 0, xv, tl.minimum(old_min, xv))
         new_sum = tl.where(off == 0, 0.0, old_sum) + xv

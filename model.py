@@ -406,7 +406,7 @@ if triton is not None:
             slot = tl.load(slots + t, mask=live, cache_modifier=".cg")
         if DG > 0:   # this query head's wq[j] [D, DG] in two halves of D (none for key heads)
             d, n = tl.arange(0, D // 2)[:, None], tl.arange(0, DG)[None, :]
-            mine = j + 0 * d < Hq                                         # [D / 2, 1]
+            mine = j + 0 * d < Hq                # [D / 2, 1] (a tensor: the interpreter takes no scalar mask)
             wq_lo = tl.load(wq + (j * D + d) * DG + n, mask=mine)
             wq_hi = tl.load(wq + (j * D + D // 2 + d) * DG + n, mask=mine)
         if PDL:
