@@ -238,15 +238,30 @@ def run(net, tok, eos, texts, args, attn, budget, block, gate_dirs, graphs, on_t
 
 def evaluate(net, tok, eos, args, gate_dirs, graphs):
     """Every selector x budget x block size over the --eval records -> a table."""
+    records = []
     with open(args.eval) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    if not records or any("prompt" not in r or "answer" not in r for r in records):
-        raise ValueError(f"{args.eval}: need JSON lines with 'prompt' and 'answer'")
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{args.eval} line {n}: not JSON ({e})")
+                if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or "answer" not in r:
+                    raise ValueError(f"{args.eval} line {n}: need a JSON object with a string 'prompt' and an 'answer'")
+                records.append(r)
+    if not records:
+        raise ValueError(f"{args.eval}: no records (JSON lines with 'prompt' and 'answer')")
     texts = [chat_prompt(r["prompt"], not args.no_think) if args.chat else r["prompt"] for r in records]
-    budgets = [int(b) for b in args.eval_budgets.split(",")]
-    blocks = [int(b) for b in args.eval_blocks.split(",")]
+    budgets, blocks, attns = args.eval_budgets, args.eval_blocks, args.eval_attn.split(",")
+    for attn in attns:                  # every row's setup checked before the first row runs
+        if attn not in GT.SELECTORS:
+            raise ValueError(f"--eval-attn: unknown selector {attn!r}; choose from {', '.join(GT.SELECTORS)}")
+        if attn != "dense" and not any(b % block == 0 for b in budgets for block in blocks):
+            raise ValueError(f"--eval-budgets {budgets}: none is a multiple of a block size in {blocks}")
+    for block in blocks if "seer" in attns else []:
+        pick_gate(gate_dirs, block)
     rows = []
-    for attn in args.eval_attn.split(","):
+    for attn in attns:
         for block in blocks[:1] if attn == "dense" else blocks:
             for budget in [None] if attn == "dense" else budgets:
                 if budget is not None and budget % block:
@@ -280,16 +295,21 @@ def main(argv=None):
     p.add_argument("--eval", help="a .jsonl of {prompt, answer} records: score every selector x budget x block "
                                   "size and print a table")
     p.add_argument("--task", choices=["tiny", "boxed"], default="boxed",
-                   help="--eval scoring: the tiny task's per-step check, or the last \\boxed{} answer")
-    p.add_argument("--eval-attn", default="dense,seer,quest,oracle,window", help="--eval: selectors, comma-separated")
-    p.add_argument("--eval-budgets", default="128,256,512,1024", help="--eval: token budgets, comma-separated")
-    p.add_argument("--eval-blocks", default="64", help="--eval: block sizes, comma-separated (one gate each)")
+                   help="--eval scoring: the tiny task's per-step check, or the last \\boxed{} answer (default: "
+                        "%(default)s)")
+    p.add_argument("--eval-attn", default="dense,seer,quest,oracle,window",
+                   help="--eval: selectors, comma-separated (default: %(default)s)")
+    p.add_argument("--eval-budgets", default="128,256,512,1024",
+                   help="--eval: token budgets, comma-separated (default: %(default)s)")
+    p.add_argument("--eval-blocks", default="64",
+                   help="--eval: block sizes, comma-separated (one gate each) (default: %(default)s)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the Qwen3 chat template")
     p.add_argument("--no-think", action="store_true", help="with --chat: thinking mode off (empty think block)")
     p.add_argument("--max-new-tokens", type=int, help="stop each sequence after this many new tokens "
                                                       "(default 256; 8192 for the tiny task)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass (with --temperature > 0) (default: %(default)s)")
     p.add_argument("--seed", type=int, help="sampling seed (and, for the tiny default, the problem; default: random)")
     p.add_argument("--attn", default=None, choices=GT.SELECTORS,
                    help="which KV blocks each decode step reads: all (dense, the default), the gate's top blocks "
@@ -298,11 +318,12 @@ def main(argv=None):
     p.add_argument("--gate", action="append", default=[],
                    help="gate folder for --attn seer; repeat to give one per block size")
     p.add_argument("--budget", type=int, help="KV tokens per step and KV head (a multiple of --block-size), "
-                                              "on top of the block holding the new token")
+                                              "on top of the block holding the new token (default: none; 512 "
+                                              "for the shipped tiny model)")
     p.add_argument("--threshold", type=float, help="seer only: keep blocks whose gate probability > this, in (0, 1)")
     p.add_argument("--kernel", default="auto", choices=["auto", "torch", "tilelang"],
                    help="decode attention: the TileLang kernel (cuda + tilelang) or the PyTorch reference; "
-                        "auto picks TileLang when it can")
+                        "auto picks TileLang when it can (default: %(default)s)")
     p.add_argument("--block-size", type=int, help="KV page size in tokens (= the gate's block size); "
                    "default 64, and 16 for the shipped tiny model")
     p.add_argument("--num-pages", type=int, default=0,
@@ -310,10 +331,27 @@ def main(argv=None):
     p.add_argument("--kv-memory-fraction", type=float,
                    help="cuda: size the KV pool to this share of the free GPU memory instead of --num-pages")
     p.add_argument("--no-graph", action="store_true", help="cuda: run decode eagerly instead of in CUDA graphs")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: %(default)s)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights and cache dtype (default: bfloat16 on cuda, float32 on cpu)")
     args = p.parse_args(argv)
+    if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device.startswith("cuda")
+                                                            and not torch.cuda.is_available()):
+        p.error(f"--device {args.device}: give cpu, or cuda on a machine with a CUDA GPU")
+    if args.kv_memory_fraction is not None and not args.device.startswith("cuda"):
+        p.error("--kv-memory-fraction sizes the pool from free GPU memory: give --num-pages on cpu")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error(f"need --temperature >= 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
+    if args.block_size is not None and args.block_size < 1:
+        p.error(f"--block-size must be >= 1, got {args.block_size}")
+    try:
+        args.eval_budgets = [int(b) for b in args.eval_budgets.split(",")]
+        args.eval_blocks = [int(b) for b in args.eval_blocks.split(",")]
+    except ValueError:
+        p.error(f"--eval-budgets {args.eval_budgets} / --eval-blocks {args.eval_blocks}: integers, comma-separated")
+    if min(args.eval_budgets + args.eval_blocks) < 1:
+        p.error("--eval-budgets / --eval-blocks must be >= 1")
 
     tiny_default = args.model is None
     problem = None
@@ -351,8 +389,7 @@ def main(argv=None):
     try:
         dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
         net = M.Qwen3.from_pretrained(args.model, device=args.device, dtype=dtype)
-        use_kernel(args.kernel, args.device, net,
-                   [int(b) for b in args.eval_blocks.split(",")] if args.eval else [args.block_size])
+        use_kernel(args.kernel, args.device, net, args.eval_blocks if args.eval else [args.block_size])
         tok, eos = load_tokenizer(args.model), eos_ids(args.model)
         graphs = args.device.startswith("cuda") and not args.no_graph
         if args.eval:
@@ -390,4 +427,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted")

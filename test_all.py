@@ -197,6 +197,18 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     r = subprocess.run([sys.executable, "generate.py", "--model", str(tmp_path), "--prompt", "hi"],
                        cwd=HERE, capture_output=True, text=True)
     assert r.returncode != 0 and "no tokenizer.json" in r.stderr and "Traceback" not in r.stderr
+    # flags checked before any work, each in one line (bench.py: before it looks for a GPU)
+    cases = [("generate.py", "--top-p", "0", "--top-p in"), ("generate.py", "--temperature", "-1", "--temperature >= 0"),
+             ("generate.py", "--block-size", "0", "--block-size must be"),
+             ("generate.py", "--eval-budgets", "64,x", "integers, comma-separated"),
+             ("generate.py", "--device", "tpu", "--device tpu"), ("bench.py e2e", "--hf", "qwen3-8b:8", "--hf qwen3-8b:8")]
+    if not torch.cuda.is_available():
+        cases += [("generate.py", "--device", "cuda", "no CUDA|a CUDA GPU"), ("bench.py kernel", "", "", "a CUDA GPU"),
+                  ("generate.py", "--kv-memory-fraction", "0.5", "--num-pages on cpu")]
+    for script, flag, value, msg in cases:
+        args = [*script.split(), *([flag, value] if flag else [])]
+        r = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True)
+        assert r.returncode != 0 and re.search(msg, r.stderr) and "Traceback" not in r.stderr, (args, r.stderr)
 
 
 def test_generate_cli_streams_and_reports(tmp_path):
@@ -1082,13 +1094,22 @@ def test_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys):
              (["--data", data, "--seq-len", "100"], "must be a multiple of --block-size"),
              (["--data", data, "--batch", "3", "--micro-batch", "2"], "multiple of --micro-batch"),
              (["--data", data, "--eval-budgets", "24"], "positive multiple of 16"),
-             (["--data", data, "--eval-seqs", "40"], "leave none for training")]
+             (["--data", data, "--eval-seqs", "40"], "leave none for training"),
+             (["--data", data, "--micro-batch", "0"], "--micro-batch must be >= 1"),
+             (["--data", data, "--save-every", "-1"], "--save-every must be >= 0"),
+             (["--data", data, "--eval-budgets", "16,x"], "integers, comma-separated"),
+             (["--data", data, "--seq-len", "2048"], "past .* max_position_embeddings 1024")]
     for extra, msg in cases:
         with pytest.raises(SystemExit) as e:
             TG.main(["--model", model, "--out", str(tmp_path / "o"), "--block-size", "16", "--seq-len", "128", *extra])
         assert re.search(msg, f"{e.value} {capsys.readouterr().err}"), msg
-    r = subprocess.run([sys.executable, "train_gate.py", "--model", model, "--out", str(tmp_path / "o"),
-                        "--data", bad], cwd=HERE, capture_output=True, text=True)   # as a script: one line, no trace
+    # --out: never over a model or gate folder, and writable, both found before any training
+    (tmp_path / "file").write_text("")
+    for out, msg in [(model, "already holds config.json"), (tmp_path / "file" / "o", "cannot be written")]:
+        with pytest.raises(SystemExit, match=msg):
+            TG.main(["--model", model, "--out", str(out), "--data", data, "--block-size", "16", "--seq-len", "128"])
+    r = subprocess.run([sys.executable, "train_gate.py", "--model", model, "--out", str(tmp_path / "o"), "--data", bad,
+                        "--seq-len", "128"], cwd=HERE, capture_output=True, text=True)   # as a script: one line, no trace
     assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.startswith("error: no usable text")
 
 
@@ -1322,6 +1343,12 @@ def test_pretrain_smoke_folder_loads_in_ours_and_transformers_with_equal_logits(
                        cwd=HERE, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "more" / "model.safetensors").is_file()
+    # and never over a model folder
+    before = (out / "model.safetensors").read_bytes()
+    r = subprocess.run([sys.executable, "tiny.py", "pretrain", "--out", str(out), "--steps", "1", "--device", "cpu"],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "already holds a model" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "model.safetensors").read_bytes() == before
 
 
 def test_shipped_tiny_folder_and_gates_load_in_ours_and_transformers_with_equal_logits():

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import time
 import zlib
 
@@ -335,8 +336,26 @@ def save_checkpoint(model, opt, step, args, setup):
         for name in ("train_state.pt.tmp", "model.safetensors.tmp", "config.json.tmp"):
             if os.path.exists(os.path.join(args.out, name)):
                 os.remove(os.path.join(args.out, name))
-        raise SystemExit(f"error: could not save the step-{step} checkpoint to {args.out} ({e}); "
-                         f"the previous checkpoint there is intact")
+        kept = "the previous checkpoint there is intact" if os.path.isfile(path) else "nothing was saved"
+        raise SystemExit(f"error: could not save the step-{step} checkpoint to {args.out} ({e}); {kept}")
+
+
+def check_out(args):
+    """--out must be a run's folder with --resume, else a new or empty one (no model or gates to
+    overwrite) that can be written: found now, not at the first save."""
+    if args.resume:
+        return
+    if os.path.isfile(os.path.join(args.out, "train_state.pt")):
+        raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or pick another --out")
+    for name in ("config.json", "model.safetensors"):
+        if os.path.exists(os.path.join(args.out, name)):
+            raise ValueError(f"{args.out} already holds {name} (a model or gate folder): pick a new or empty --out")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {args.out} cannot be written ({e})")
 
 
 def load_checkpoint(model, opt, args, setup):
@@ -392,34 +411,59 @@ def parse(argv):
                             "trains on random tokens (for speed and memory runs)")
     a("--data", nargs="+", default=[], help=".jsonl (text | prompt+response | messages) or .txt files")
     a("--eval-data", nargs="+", default=[], help="held-out files (default: the last --eval-seqs training sequences)")
-    a("--eval-seqs", type=int, default=4, help="held-out sequences for the recall evaluation (0: none)")
-    a("--out", required=True, help="gate folder to write (config.json, model.safetensors, train_state.pt)")
+    a("--eval-seqs", type=int, default=4,
+      help="held-out sequences for the recall evaluation (0: none) (default: %(default)s)")
+    a("--out", required=True, help="gate folder to write (config.json, model.safetensors, train_state.pt): "
+                                  "new or empty, or with --resume the run's own")
     a("--resume", action="store_true", help="continue the run saved in --out")
-    a("--steps", type=int, default=800, help="optimizer steps (the cosine schedule's length)")
+    a("--steps", type=int, default=800, help="optimizer steps (the cosine schedule's length) (default: %(default)s)")
     a("--stop-after", type=int, help="save and stop after this many steps of this run (e.g. a job time limit)")
-    a("--batch", type=int, default=16, help="sequences per optimizer step, over all ranks")
-    a("--micro-batch", type=int, default=1, help="sequences per forward (gradient accumulation up to --batch)")
-    a("--seq-len", type=int, default=32768, help="tokens per sequence, a multiple of --block-size")
+    a("--batch", type=int, default=16, help="sequences per optimizer step, over all ranks (default: %(default)s)")
+    a("--micro-batch", type=int, default=1,
+      help="sequences per forward (gradient accumulation up to --batch) (default: %(default)s)")
+    a("--seq-len", type=int, default=32768,
+      help="tokens per sequence, a multiple of --block-size (default: %(default)s)")
     a("--no-pack", action="store_true", help="one document per sequence, truncated, instead of packing")
-    a("--block-size", type=int, default=64, help="gate block size S in tokens")
-    a("--gate-hidden", type=int, default=128, help="gate hidden size Dg")
+    a("--block-size", type=int, default=64, help="gate block size S in tokens (default: %(default)s)")
+    a("--gate-hidden", type=int, default=128, help="gate hidden size Dg (default: %(default)s)")
     a("--no-qk-norm", action="store_true", help="no RMSNorm on gate query and key")
-    a("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
-    a("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
-    a("--warmup", type=int, default=20, help="linear warm-up steps")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--loss-scale", type=float, default=10.0, help="multiplies the KL loss (published recipe: 10)")
-    a("--loss-from", type=float, default=0.5, help="share of each sequence before positions count in the loss")
-    a("--q-chunk", type=int, default=2048, help="query rows per fused target pass (memory vs. speed)")
-    a("--eval-every", type=int, default=100, help="evaluate recall every this many steps (0: only at the end)")
-    a("--eval-budgets", default="1024,2048,4096", help="token budgets for the recall table, comma-separated")
-    a("--log-every", type=int, default=10, help="print a log line every this many steps")
-    a("--save-every", type=int, default=100, help="checkpoint every this many steps (and at the end)")
-    a("--seed", type=int, default=0, help="gate init and data order")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    a("--dtype", choices=["float32", "bfloat16", "float16"], help="base model dtype (default bf16 on cuda)")
+    a("--lr", type=float, default=1e-3, help="peak learning rate (AdamW) (default: %(default)s)")
+    a("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay (default: %(default)s)")
+    a("--warmup", type=int, default=20, help="linear warm-up steps (default: %(default)s)")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
+    a("--loss-scale", type=float, default=10.0,
+      help="multiplies the KL loss (published recipe: 10) (default: %(default)s)")
+    a("--loss-from", type=float, default=0.5,
+      help="share of each sequence before positions count in the loss (default: %(default)s)")
+    a("--q-chunk", type=int, default=2048,
+      help="query rows per fused target pass (memory vs. speed) (default: %(default)s)")
+    a("--eval-every", type=int, default=100,
+      help="evaluate recall every this many steps (0: only at the end) (default: %(default)s)")
+    a("--eval-budgets", default="1024,2048,4096",
+      help="token budgets for the recall table, comma-separated (default: %(default)s)")
+    a("--log-every", type=int, default=10,
+      help="print a log line every this many steps (0: only the last step) (default: %(default)s)")
+    a("--save-every", type=int, default=100,
+      help="checkpoint every this many steps, and at the end (0: only at the end) (default: %(default)s)")
+    a("--seed", type=int, default=0, help="gate init and data order (default: %(default)s)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: %(default)s)")
+    a("--dtype", choices=["float32", "bfloat16", "float16"],
+      help="base model dtype (default: bfloat16 on cuda, float32 on cpu)")
     args = p.parse_args(argv)
-    budgets = [int(b) for b in args.eval_budgets.split(",") if b]
+    for flag, least in (("steps", 1), ("batch", 1), ("micro_batch", 1), ("gate_hidden", 2), ("q_chunk", 1),
+                        ("stop_after", 1), ("eval_seqs", 0), ("warmup", 0), ("eval_every", 0), ("log_every", 0),
+                        ("save_every", 0)):
+        if getattr(args, flag) is not None and getattr(args, flag) < least:
+            p.error(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
+    if args.gate_hidden % 2:
+        p.error(f"--gate-hidden must be even (RoPE turns pairs), got {args.gate_hidden}")
+    if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device.startswith("cuda")
+                                                            and not torch.cuda.is_available()):
+        p.error(f"--device {args.device}: give cpu, or cuda on a machine with a CUDA GPU")
+    try:
+        budgets = [int(b) for b in args.eval_budgets.split(",") if b]
+    except ValueError:
+        p.error(f"--eval-budgets {args.eval_budgets}: integers, comma-separated")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if (args.model is None) == (args.random_init is None):
         p.error("give exactly one of --model and --random-init")
@@ -450,6 +494,7 @@ def main(argv=None):
     say = tqdm.write if rank == 0 else (lambda *_: None)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     try:
+        check_out(args)
         if args.random_init:
             net = random_model(args.random_init, args.device, dtype)
             g = torch.Generator().manual_seed(args.seed)
@@ -459,6 +504,9 @@ def main(argv=None):
         else:
             net = M.Qwen3.from_pretrained(args.model, device=args.device, dtype=dtype)
             net.name_or_path = args.model
+            if args.seq_len > net.config.max_position_embeddings:
+                raise ValueError(f"--seq-len {args.seq_len} is past {args.model}'s max_position_embeddings "
+                                 f"{net.config.max_position_embeddings}")
             tokens, spans = load_sequences(args.data, args.model, args.seq_len, args.block_size, not args.no_pack)
         evals = []
         if args.eval_data:
@@ -480,8 +528,6 @@ def main(argv=None):
         step = 0
         if args.resume:
             step = load_checkpoint(net, opt, args, setup)
-        elif os.path.isfile(os.path.join(args.out, "train_state.pt")):
-            raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or pick another --out")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     data = Order(tokens, spans, args.seed)
@@ -571,14 +617,14 @@ def main(argv=None):
             tps = ntok * world / dt
             bar.update(1)
             bar.set_postfix(KL=f"{loss.item():.4f}", tok_s=f"{tps:.0f}")
-            if step % args.log_every == 0 or step == end:
+            if (args.log_every and step % args.log_every == 0) or step == end:
                 mem = torch.cuda.max_memory_allocated() / 2 ** 30 if args.device.startswith("cuda") else 0
                 say(f"step {step}/{args.steps} | KL {loss.item():.4f} | lr {lr_at(step - 1, args):.2e} | "
                     f"{tps:.0f} tokens/s | {dt:.2f} s/step" + (f" | peak mem {mem:.1f} GiB" if mem else ""))
             if args.eval_every and step % args.eval_every == 0 and evals:
                 evaluate()
                 last_eval = step
-            if step % args.save_every == 0 and step < end:
+            if args.save_every and step % args.save_every == 0 and step < end:
                 if rank == 0:
                     save_checkpoint(net, opt, step, args, setup)
                 if world > 1:
@@ -602,4 +648,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:   # before training starts (then Ctrl-C saves and stops: see main)
+        raise SystemExit("interrupted")
