@@ -383,7 +383,10 @@ def main(argv=None):
         with open(args.prompts_file) as f:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts and not args.eval:
-        raise SystemExit("error: give --prompt TEXT (repeatable), --prompts-file FILE or --eval FILE.jsonl")
+        raise SystemExit(f"error: --prompts-file {args.prompts_file} holds no prompt" if args.prompts_file else
+                         "error: give --prompt TEXT (repeatable), --prompts-file FILE or --eval FILE.jsonl")
+    if args.attn == "dense" and (args.budget or args.threshold):
+        raise SystemExit("error: --budget and --threshold choose blocks for a sparse --attn; dense reads every block")
     if args.eval and not os.path.isfile(args.eval):
         raise SystemExit(f"error: --eval {args.eval} does not exist")
     try:

@@ -563,12 +563,15 @@ class Qwen3(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None):
         """Load a Hugging Face Qwen3 folder (config.json + one or sharded safetensors)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{path}: no config.json there (expected a Hugging Face model folder)")
         with open(cfg_path) as f:
-            raw = json.load(f)
+            try:
+                raw = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg_path}: not valid JSON ({e})")
         if raw.get("model_type") != "qwen3" and "Qwen3ForCausalLM" not in raw.get("architectures", []):
             raise ValueError(f"{cfg_path}: model_type {raw.get('model_type')!r} is not qwen3")
         cfg = Qwen3Config.from_dict(raw)
@@ -585,12 +588,15 @@ class Qwen3(nn.Module):
         expected = {k: v.shape for k, v in hf_names(model.state_dict(), cfg).items()}
         state = {}
         for fname in files:
-            with safe_open(os.path.join(path, fname), framework="pt", device=str(device)) as f:
-                for name in f.keys():
-                    key = name.removeprefix("model.")
-                    if key == "lm_head.weight" and cfg.tie_word_embeddings:
-                        continue  # some tied checkpoints still store a copy
-                    state[key] = f.get_tensor(name)
+            try:
+                with safe_open(os.path.join(path, fname), framework="pt", device=str(device)) as f:
+                    for name in f.keys():
+                        key = name.removeprefix("model.")
+                        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                            continue  # some tied checkpoints still store a copy
+                        state[key] = f.get_tensor(name)
+            except SafetensorError as e:
+                raise ValueError(f"{os.path.join(path, fname)}: cannot read it ({e})")
         missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not match the config: missing {missing[:4]}"

@@ -187,7 +187,15 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 100}))
     with pytest.raises(ValueError, match="shape"):
         M.Qwen3.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text("{bad")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        M.Qwen3.from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps(cfg))
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="model.safetensors: cannot read it"):
+        M.Qwen3.from_pretrained(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(weights)
     net = M.Qwen3.from_pretrained(str(tmp_path))
     cache = M.PagedKVCache(net.config, 100, 16)
     with pytest.raises(ValueError, match="empty prompt"):
