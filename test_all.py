@@ -1123,9 +1123,10 @@ def test_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys):
 
 def test_two_ranks_over_gloo_match_one_process(setup):
     d, model, data = setup
-    TG.main(base_args(model, data, d / "one", "--steps", "3", "--batch", "4"))
+    cpu = ["--steps", "3", "--batch", "4", "--device", "cpu"]       # gloo on any machine (a GPU host may have one GPU)
+    TG.main(base_args(model, data, d / "one", *cpu))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29517", "train_gate.py", *base_args(model, data, d / "two", "--steps", "3", "--batch", "4")],
+                        "29517", "train_gate.py", *base_args(model, data, d / "two", *cpu)],
                        cwd=HERE, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = read_gates(d / "one"), read_gates(d / "two")
