@@ -28,7 +28,7 @@ try:
 except ImportError:  # CPU-only installs pick blocks with PyTorch (pick_blocks)
     triton = None
 
-from model import RMSNorm, cos_sin, fused, rms_norm, pdl_launch, rope_inv_freq, rotate
+from model import RMSNorm, cos_sin, fused, rms_norm, pdl_launch, rope_inv_freq, rotate, write_folder
 
 if triton is not None:
     from model import wait_and_release
@@ -133,20 +133,13 @@ def gate_state(model):
 
 def save_gates(model, path, extra_config=None):
     """Write a gate folder atomically (temp file + rename): config.json and model.safetensors."""
-    from safetensors.torch import save_file
-    os.makedirs(path, exist_ok=True)
     g = model.layers[0].self_attn.attn_gate
     cfg = {**model.config.to_hf_dict(), "base_model": getattr(model, "name_or_path", ""),
            "seerattn_gate_block_size": g.block_size, "seerattn_gate_hidden_size": g.dg,
            "seerattn_k_seq_pooling_type": "Kmaxminavg", "seerattn_q_head_pooling_type": "Qproj",
            "seerattn_use_qk_norm": g.attngate_qnorm is not None, "seerattn_use_rope": True,
            **(extra_config or {})}
-    state = {k: v.detach().float().contiguous().cpu() for k, v in gate_state(model).items()}
-    save_file(state, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
-    os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
-    with open(os.path.join(path, "config.json.tmp"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+    write_folder(path, {k: v.detach().float().contiguous().cpu() for k, v in gate_state(model).items()}, cfg)
 
 
 def load_gates(model, path):

@@ -612,16 +612,24 @@ class Qwen3(nn.Module):
 
     def save_pretrained(self, path):
         """Write config.json + model.safetensors (Hugging Face layout), atomically."""
-        from safetensors.torch import save_file
-        os.makedirs(path, exist_ok=True)
         state = {"model." + k if not k.startswith("lm_head") else k: t.detach().contiguous().cpu()
                  for k, t in hf_names(self.state_dict(), self.config).items()}
-        tmp = os.path.join(path, "model.safetensors.tmp")
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(path, "model.safetensors"))
-        with open(os.path.join(path, "config.json.tmp"), "w") as f:
-            json.dump(self.config.to_hf_dict(), f, indent=2)
-        os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+        write_folder(path, state, self.config.to_hf_dict())
+
+
+def write_folder(path, state, config):
+    """config.json and model.safetensors into folder path, each through a temp file and a rename,
+    so a failed write leaves the old file whole. The weights get config.json's permissions
+    (safetensors' save_file makes its file owner-only)."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    cfg_tmp, tmp = os.path.join(path, "config.json.tmp"), os.path.join(path, "model.safetensors.tmp")
+    with open(cfg_tmp, "w") as f:
+        json.dump(config, f, indent=2)
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, os.stat(cfg_tmp).st_mode)
+    os.replace(tmp, os.path.join(path, "model.safetensors"))
+    os.replace(cfg_tmp, os.path.join(path, "config.json"))
 
 
 # Hugging Face keeps q/k/v_proj and gate/up_proj apart; each set is one stacked weight here, so

@@ -657,6 +657,9 @@ class Spy:
 def test_gate_folder_round_trip_and_published_layout(tmp_path):
     net = gated_model(tmp_path / "m")
     GT.save_gates(net, str(tmp_path / "g"))
+    g = tmp_path / "g"
+    assert sorted(os.listdir(g)) == ["config.json", "model.safetensors"]           # no temp files left
+    assert (g / "model.safetensors").stat().st_mode == (g / "config.json").stat().st_mode   # not owner-only
     other = M.Qwen3.from_pretrained(str(tmp_path / "m"))
     GT.load_gates(other, str(tmp_path / "g"))
     for a, b in zip(GT.gate_state(net).values(), GT.gate_state(other).values()):
@@ -1104,6 +1107,7 @@ def test_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys):
              (["--data", data, "--eval-budgets", "24"], "positive multiple of 16"),
              (["--data", data, "--eval-seqs", "40"], "leave none for training"),
              (["--data", data, "--micro-batch", "0"], "--micro-batch must be >= 1"),
+             (["--data", data, "--eval-data", data, "--eval-seqs", "0"], "would evaluate nothing"),
              (["--data", data, "--save-every", "-1"], "--save-every must be >= 0"),
              (["--data", data, "--eval-budgets", "16,x"], "integers, comma-separated"),
              (["--data", data, "--seq-len", "2048"], "past .* max_position_embeddings 1024")]

@@ -471,6 +471,8 @@ def parse(argv):
         p.error("--model needs --data")
     if args.random_init and (args.data or args.eval_data):
         p.error("--random-init trains and evaluates on random tokens; drop --data / --eval-data")
+    if args.eval_data and not args.eval_seqs:
+        p.error("--eval-data with --eval-seqs 0 would evaluate nothing")
     if args.block_size < 1 or args.seq_len % args.block_size or args.seq_len < 2 * args.block_size:
         p.error(f"--seq-len {args.seq_len} must be a multiple of --block-size {args.block_size}, at least two blocks")
     if args.batch % (args.micro_batch * world):
