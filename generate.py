@@ -251,6 +251,13 @@ def evaluate(net, tok, eos, args, gate_dirs, graphs):
                 records.append(r)
     if not records:
         raise ValueError(f"{args.eval}: no records (JSON lines with 'prompt' and 'answer')")
+    if args.task == "tiny":
+        import tiny
+        for n, r in enumerate(records, 1):
+            try:
+                tiny.parse_prompt(r["prompt"])
+            except ValueError as e:
+                raise ValueError(f"{args.eval} record {n}: {e}")
     texts = [chat_prompt(r["prompt"], not args.no_think) if args.chat else r["prompt"] for r in records]
     budgets, blocks, attns = args.eval_budgets, args.eval_blocks, args.eval_attn.split(",")
     for attn in attns:                  # every row's setup checked before the first row runs

@@ -1415,3 +1415,8 @@ def test_eval_mode_scores_problems_and_prints_every_row(tmp_path):
     for a, S, b, ans, steps, sp in rows:
         assert 0 <= float(ans) <= 100 and 0 <= float(steps) <= 100
         assert (float(sp) == 0) == (a == "dense")
+    # a record that is not a tiny-task problem stops the run before any decoding, in one line
+    data.write_text(data.read_text() + json.dumps({"prompt": "what is 2 + 2?", "answer": "4"}) + "\n")
+    r = subprocess.run([sys.executable, "generate.py", "--eval", str(data), "--task", "tiny"], cwd=HERE,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "record 4: not a tiny-task prompt" in r.stderr and "Traceback" not in r.stderr
