@@ -340,35 +340,32 @@ def bench_e2e(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    import model as M
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=M.CLIHelp)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    k = sub.add_parser("kernel", help="block-sparse paged decode kernel vs dense SDPA")
-    k.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 32], help="batch sizes (default: %(default)s)")
+    k = sub.add_parser("kernel", formatter_class=M.CLIHelp, help="block-sparse paged decode kernel vs dense SDPA")
+    k.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 32], help="batch sizes")
     k.add_argument("--context", type=int, nargs="+", default=[8192, 32768, 65536, 131072],
-                   help="context lengths in tokens (multiples of the block size) (default: %(default)s)")
+                   help="context lengths in tokens (multiples of the block size)")
     k.add_argument("--sparsity", type=float, nargs="+", default=[0, 0.5, 0.8, 0.9, 0.95],
-                   help="fraction of blocks not read (the block of the new token is always read) (default: "
-                        "%(default)s)")
-    k.add_argument("--block", type=int, nargs="+", default=[64, 128], help="page/block sizes (default: %(default)s)")
+                   help="fraction of blocks not read (the block of the new token is always read)")
+    k.add_argument("--block", type=int, nargs="+", default=[64, 128], help="page/block sizes")
     k.add_argument("--splits", type=int, default=None, help="force the number of KV splits")
     k.add_argument("--plot", nargs="?", const="bench_kernel.png", default=None,
                    help="write a PNG of speedup vs sparsity (default bench_kernel.png)")
-    e = sub.add_parser("e2e", help="whole-model decode: ours dense and seer vs transformers")
+    e = sub.add_parser("e2e", formatter_class=M.CLIHelp, help="whole-model decode: ours dense and seer vs transformers")
     e.add_argument("--shape", nargs="+", default=["qwen3-8b", "qwen3-4b"], choices=list(SHAPES),
-                   help="model shapes (random weights) (default: %(default)s)")
-    e.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16], help="batch sizes (default: %(default)s)")
+                   help="model shapes (random weights)")
+    e.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16], help="batch sizes")
     e.add_argument("--context", type=int, nargs="+", default=[8192, 32768, 65536],
-                   help="tokens already in the cache when timing starts (default: %(default)s)")
-    e.add_argument("--budget", type=int, nargs="+", default=[2048, 4096],
-                   help="seer token budgets (default: %(default)s)")
-    e.add_argument("--steps", type=int, default=256, help="decode steps timed (default: %(default)s)")
+                   help="tokens already in the cache when timing starts")
+    e.add_argument("--budget", type=int, nargs="+", default=[2048, 4096], help="seer token budgets")
+    e.add_argument("--steps", type=int, default=256, help="decode steps timed")
     e.add_argument("--kernel", default="tilelang", choices=["tilelang", "torch"],
-                   help="decode attention: the TileLang kernel or the PyTorch reference (default: %(default)s)")
+                   help="decode attention: the TileLang kernel or the PyTorch reference")
     e.add_argument("--hf", nargs="*", default=["qwen3-8b:8:8192", "qwen3-8b:1:32768"],
-                   help="transformers baselines as shape:batch:context; --hf with none given skips them (default: "
-                        "%(default)s)")
-    e.add_argument("--hf-steps", type=int, default=32,
-                   help="decode steps timed for transformers (default: %(default)s)")
+                   help="transformers baselines as shape:batch:context; --hf with none given skips them")
+    e.add_argument("--hf-steps", type=int, default=32, help="decode steps timed for transformers")
     e.add_argument("--profile", action="store_true",
                    help="after each row, the kernels of one eager decode step without PDL (torch.profiler): "
                         "kernels per layer, their time against the replayed step's (with PDL: the difference is "

@@ -294,7 +294,7 @@ def evaluate(net, tok, eos, args, gate_dirs, graphs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=M.CLIHelp)
     p.add_argument("--model", help="Hugging Face Qwen3 folder (config.json, safetensors, tokenizer.json); "
                                    "default: the shipped tiny model, on a fresh problem of its task")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
@@ -302,21 +302,16 @@ def main(argv=None):
     p.add_argument("--eval", help="a .jsonl of {prompt, answer} records: score every selector x budget x block "
                                   "size and print a table")
     p.add_argument("--task", choices=["tiny", "boxed"], default="boxed",
-                   help="--eval scoring: the tiny task's per-step check, or the last \\boxed{} answer (default: "
-                        "%(default)s)")
-    p.add_argument("--eval-attn", default="dense,seer,quest,oracle,window",
-                   help="--eval: selectors, comma-separated (default: %(default)s)")
-    p.add_argument("--eval-budgets", default="128,256,512,1024",
-                   help="--eval: token budgets, comma-separated (default: %(default)s)")
-    p.add_argument("--eval-blocks", default="64",
-                   help="--eval: block sizes, comma-separated (one gate each) (default: %(default)s)")
+                   help="--eval scoring: the tiny task's per-step check, or the last \\boxed{} answer")
+    p.add_argument("--eval-attn", default="dense,seer,quest,oracle,window", help="--eval: selectors, comma-separated")
+    p.add_argument("--eval-budgets", default="128,256,512,1024", help="--eval: token budgets, comma-separated")
+    p.add_argument("--eval-blocks", default="64", help="--eval: block sizes, comma-separated (one gate each)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the Qwen3 chat template")
     p.add_argument("--no-think", action="store_true", help="with --chat: thinking mode off (empty think block)")
     p.add_argument("--max-new-tokens", type=int, help="stop each sequence after this many new tokens "
                                                       "(default 256; 8192 for the tiny task)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling mass (with --temperature > 0) (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, help="sampling seed (and, for the tiny default, the problem; default: random)")
     p.add_argument("--attn", default=None, choices=GT.SELECTORS,
                    help="which KV blocks each decode step reads: all (dense, the default), the gate's top blocks "
@@ -330,7 +325,7 @@ def main(argv=None):
     p.add_argument("--threshold", type=float, help="seer only: keep blocks whose gate probability > this, in (0, 1)")
     p.add_argument("--kernel", default="auto", choices=["auto", "torch", "tilelang"],
                    help="decode attention: the TileLang kernel (cuda + tilelang) or the PyTorch reference; "
-                        "auto picks TileLang when it can (default: %(default)s)")
+                        "auto picks TileLang when it can")
     p.add_argument("--block-size", type=int, help="KV page size in tokens (= the gate's block size); "
                    "default 64, and 16 for the shipped tiny model")
     p.add_argument("--num-pages", type=int, default=0,
@@ -338,14 +333,11 @@ def main(argv=None):
     p.add_argument("--kv-memory-fraction", type=float,
                    help="cuda: size the KV pool to this share of the free GPU memory instead of --num-pages")
     p.add_argument("--no-graph", action="store_true", help="cuda: run decode eagerly instead of in CUDA graphs")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights and cache dtype (default: bfloat16 on cuda, float32 on cpu)")
     args = p.parse_args(argv)
-    if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device.startswith("cuda")
-                                                            and not torch.cuda.is_available()):
-        p.error(f"--device {args.device}: give cpu, or cuda on a machine with a CUDA GPU")
+    M.check_device(p, args.device)
     if args.kv_memory_fraction is not None and not args.device.startswith("cuda"):
         p.error("--kv-memory-fraction sizes the pool from free GPU memory: give --num-pages on cpu")
     if args.temperature < 0 or not 0 < args.top_p <= 1:

@@ -21,6 +21,7 @@ Attention at decode goes through `decode_attention` (page tables, lengths, and a
 optional list of selected blocks per KV head), the one place a sparse selector and the
 TileLang kernel plug in.
 """
+import argparse
 import functools
 import json
 import math
@@ -615,6 +616,22 @@ class Qwen3(nn.Module):
         state = {"model." + k if not k.startswith("lm_head") else k: t.detach().contiguous().cpu()
                  for k, t in hf_names(self.state_dict(), self.config).items()}
         write_folder(path, state, self.config.to_hf_dict())
+
+
+class CLIHelp(argparse.RawDescriptionHelpFormatter):
+    """The scripts' --help: the module docstring as written, and each flag's default where it has
+    one its help text does not already state."""
+
+    def _get_help_string(self, action):
+        unset = action.default in (None, [], argparse.SUPPRESS) or action.default is False   # (not 0)
+        shown = not unset and "default" not in action.help
+        return action.help + (" (default: %(default)s)" if shown else "")
+
+
+def check_device(parser, device):
+    """A script's --device: cpu, or cuda (cuda:N) on a machine with a CUDA GPU, else argparse's error."""
+    if device.split(":")[0] not in ("cpu", "cuda") or (device.startswith("cuda") and not torch.cuda.is_available()):
+        parser.error(f"--device {device}: give cpu, or cuda on a machine with a CUDA GPU")
 
 
 def write_folder(path, state, config):

@@ -211,7 +211,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
              ("generate.py", "--eval-budgets", "64,x", "integers, comma-separated"),
              ("generate.py", "--device", "tpu", "--device tpu"), ("bench.py e2e", "--hf", "qwen3-8b:8", "--hf qwen3-8b:8")]
     if not torch.cuda.is_available():
-        cases += [("generate.py", "--device", "cuda", "no CUDA|a CUDA GPU"), ("bench.py kernel", "", "", "a CUDA GPU"),
+        cases += [("generate.py", "--device", "cuda", "a CUDA GPU"), ("bench.py kernel", "", "", "a CUDA GPU"),
                   ("generate.py", "--kv-memory-fraction", "0.5", "--num-pages on cpu")]
     for script, flag, value, msg in cases:
         args = [*script.split(), *([flag, value] if flag else [])]

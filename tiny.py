@@ -325,41 +325,35 @@ def pretrain(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=M.CLIHelp)
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("data", help="write problems as JSON lines {prompt, answer, text}")
-    d.add_argument("--n", type=int, default=200, help="number of problems (default: %(default)s)")
-    d.add_argument("--seed", type=int, default=1,
-                   help="problem seed (pretraining draws from its own --seed) (default: %(default)s)")
+    d = sub.add_parser("data", formatter_class=M.CLIHelp, help="write problems as JSON lines {prompt, answer, text}")
+    d.add_argument("--n", type=int, default=200, help="number of problems")
+    d.add_argument("--seed", type=int, default=1, help="problem seed (pretraining draws from its own --seed)")
     d.add_argument("--out", required=True, help="output .jsonl")
-    d.add_argument("--n-x", type=int, default=N_X,
-                   help=f"defined variables per problem (<= {len(X_NAMES)}) (default: %(default)s)")
-    d.add_argument("--n-y", type=int, default=N_Y,
-                   help=f"program steps per problem (<= {len(Y_NAMES)}) (default: %(default)s)")
+    d.add_argument("--n-x", type=int, default=N_X, help=f"defined variables per problem (<= {len(X_NAMES)})")
+    d.add_argument("--n-y", type=int, default=N_Y, help=f"program steps per problem (<= {len(Y_NAMES)})")
     d.add_argument("--ops", default="+-", choices=["+-", "+", "-"],
                    help="operations the program draws from (the shipped model was trained on +-; with one, "
-                        "no step has to fetch its sign from the far program line) (default: %(default)s)")
-    t = sub.add_parser("pretrain", help="train the tiny Qwen3 from scratch and save a Hugging Face folder")
+                        "no step has to fetch its sign from the far program line)")
+    t = sub.add_parser("pretrain", formatter_class=M.CLIHelp,
+                       help="train the tiny Qwen3 from scratch and save a Hugging Face folder")
     t.add_argument("--out", required=True,
                    help="output model folder, new or empty (rewritten at every eval and at the end)")
-    t.add_argument("--steps", type=int, default=40000,
-                   help="optimizer steps at most (see --max-minutes) (default: %(default)s)")
+    t.add_argument("--steps", type=int, default=40000, help="optimizer steps at most (see --max-minutes)")
     t.add_argument("--max-minutes", type=float, default=10.0,
-                   help="wall-clock budget: the cosine schedule runs on max(step/steps, time/budget), stops at 1 "
-                        "(default: %(default)s)")
+                   help="wall-clock budget: the cosine schedule runs on max(step/steps, time/budget), stops at 1")
     t.add_argument("--batch", type=int, default=32, help="rows of --seq-len tokens per step (shorter problems: "
-                                                         "proportionally more of them) (default: %(default)s)")
+                                                         "proportionally more of them)")
     t.add_argument("--seq-len", type=int, default=5120, help="tokens of the largest training problem "
                                                              "(5120: 370 variables, 148 steps; covers the default task)")
-    t.add_argument("--lr", type=float, default=2e-3,
-                   help="peak learning rate (cosine to 10%% of it) (default: %(default)s)")
-    t.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine to 10%% of it)")
+    t.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     t.add_argument("--eval-every", type=int, default=250, help="held-out teacher-forced accuracy and a save every "
-                                                               "this many steps (0: only at the end) (default: "
-                                                               "%(default)s)")
+                                                               "this many steps (0: only at the end)")
     t.add_argument("--seed", type=int, default=1234, help="seed of the weights and of the problem stream "
-                                                          "(use a new one with --init) (default: %(default)s)")
-    t.add_argument("--workers", type=int, default=8, help="processes writing training problems (default: %(default)s)")
+                                                          "(use a new one with --init)")
+    t.add_argument("--workers", type=int, default=8, help="processes writing training problems")
     t.add_argument("--init", help="start from this model folder's weights instead of from scratch")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = p.parse_args(argv)

@@ -404,49 +404,40 @@ def lr_at(step, args):
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=M.CLIHelp)
     a = p.add_argument
     a("--model", help="Hugging Face Qwen3 folder (config.json, safetensors, tokenizer.json)")
     a("--random-init", help=f"instead of --model: random weights of a shape ({', '.join(SHAPES)}) or a config.json; "
                             "trains on random tokens (for speed and memory runs)")
     a("--data", nargs="+", default=[], help=".jsonl (text | prompt+response | messages) or .txt files")
     a("--eval-data", nargs="+", default=[], help="held-out files (default: the last --eval-seqs training sequences)")
-    a("--eval-seqs", type=int, default=4,
-      help="held-out sequences for the recall evaluation (0: none) (default: %(default)s)")
+    a("--eval-seqs", type=int, default=4, help="held-out sequences for the recall evaluation (0: none)")
     a("--out", required=True, help="gate folder to write (config.json, model.safetensors, train_state.pt): "
                                   "new or empty, or with --resume the run's own")
     a("--resume", action="store_true", help="continue the run saved in --out")
-    a("--steps", type=int, default=800, help="optimizer steps (the cosine schedule's length) (default: %(default)s)")
+    a("--steps", type=int, default=800, help="optimizer steps (the cosine schedule's length)")
     a("--stop-after", type=int, help="save and stop after this many steps of this run (e.g. a job time limit)")
-    a("--batch", type=int, default=16, help="sequences per optimizer step, over all ranks (default: %(default)s)")
-    a("--micro-batch", type=int, default=1,
-      help="sequences per forward (gradient accumulation up to --batch) (default: %(default)s)")
-    a("--seq-len", type=int, default=32768,
-      help="tokens per sequence, a multiple of --block-size (default: %(default)s)")
+    a("--batch", type=int, default=16, help="sequences per optimizer step, over all ranks")
+    a("--micro-batch", type=int, default=1, help="sequences per forward (gradient accumulation up to --batch)")
+    a("--seq-len", type=int, default=32768, help="tokens per sequence, a multiple of --block-size")
     a("--no-pack", action="store_true", help="one document per sequence, truncated, instead of packing")
-    a("--block-size", type=int, default=64, help="gate block size S in tokens (default: %(default)s)")
-    a("--gate-hidden", type=int, default=128, help="gate hidden size Dg (default: %(default)s)")
+    a("--block-size", type=int, default=64, help="gate block size S in tokens")
+    a("--gate-hidden", type=int, default=128, help="gate hidden size Dg")
     a("--no-qk-norm", action="store_true", help="no RMSNorm on gate query and key")
-    a("--lr", type=float, default=1e-3, help="peak learning rate (AdamW) (default: %(default)s)")
-    a("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay (default: %(default)s)")
-    a("--warmup", type=int, default=20, help="linear warm-up steps (default: %(default)s)")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
-    a("--loss-scale", type=float, default=10.0,
-      help="multiplies the KL loss (published recipe: 10) (default: %(default)s)")
-    a("--loss-from", type=float, default=0.5,
-      help="share of each sequence before positions count in the loss (default: %(default)s)")
-    a("--q-chunk", type=int, default=2048,
-      help="query rows per fused target pass (memory vs. speed) (default: %(default)s)")
-    a("--eval-every", type=int, default=100,
-      help="evaluate recall every this many steps (0: only at the end) (default: %(default)s)")
-    a("--eval-budgets", default="1024,2048,4096",
-      help="token budgets for the recall table, comma-separated (default: %(default)s)")
-    a("--log-every", type=int, default=10,
-      help="print a log line every this many steps (0: only the last step) (default: %(default)s)")
+    a("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    a("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
+    a("--warmup", type=int, default=20, help="linear warm-up steps")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--loss-scale", type=float, default=10.0, help="multiplies the KL loss (published recipe: 10)")
+    a("--loss-from", type=float, default=0.5, help="share of each sequence before positions count in the loss")
+    a("--q-chunk", type=int, default=2048, help="query rows per fused target pass (memory vs. speed)")
+    a("--eval-every", type=int, default=100, help="evaluate recall every this many steps (0: only at the end)")
+    a("--eval-budgets", default="1024,2048,4096", help="token budgets for the recall table, comma-separated")
+    a("--log-every", type=int, default=10, help="print a log line every this many steps (0: only the last step)")
     a("--save-every", type=int, default=100,
-      help="checkpoint every this many steps, and at the end (0: only at the end) (default: %(default)s)")
-    a("--seed", type=int, default=0, help="gate init and data order (default: %(default)s)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: %(default)s)")
+      help="checkpoint every this many steps, and at the end (0: only at the end)")
+    a("--seed", type=int, default=0, help="gate init and data order")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     a("--dtype", choices=["float32", "bfloat16", "float16"],
       help="base model dtype (default: bfloat16 on cuda, float32 on cpu)")
     args = p.parse_args(argv)
@@ -457,9 +448,7 @@ def parse(argv):
             p.error(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
     if args.gate_hidden % 2:
         p.error(f"--gate-hidden must be even (RoPE turns pairs), got {args.gate_hidden}")
-    if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device.startswith("cuda")
-                                                            and not torch.cuda.is_available()):
-        p.error(f"--device {args.device}: give cpu, or cuda on a machine with a CUDA GPU")
+    M.check_device(p, args.device)
     try:
         budgets = [int(b) for b in args.eval_budgets.split(",") if b]
     except ValueError:
