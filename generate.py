@@ -377,8 +377,8 @@ def main(argv=None):
         raise SystemExit("error: --max-new-tokens must be >= 1")
     prompts = list(args.prompt)
     if args.prompts_file:
-        if not os.path.isfile(args.prompts_file):
-            raise SystemExit(f"error: --prompts-file {args.prompts_file} does not exist")
+        if M.unreadable(args.prompts_file):
+            raise SystemExit(f"error: --prompts-file {args.prompts_file} {M.unreadable(args.prompts_file)}")
         with open(args.prompts_file) as f:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts and not args.eval:
@@ -386,8 +386,8 @@ def main(argv=None):
                          "error: give --prompt TEXT (repeatable), --prompts-file FILE or --eval FILE.jsonl")
     if args.attn == "dense" and (args.budget or args.threshold):
         raise SystemExit("error: --budget and --threshold choose blocks for a sparse --attn; dense reads every block")
-    if args.eval and not os.path.isfile(args.eval):
-        raise SystemExit(f"error: --eval {args.eval} does not exist")
+    if args.eval and M.unreadable(args.eval):
+        raise SystemExit(f"error: --eval {args.eval} {M.unreadable(args.eval)}")
     try:
         dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
         net = M.Qwen3.from_pretrained(args.model, device=args.device, dtype=dtype)
@@ -411,7 +411,7 @@ def main(argv=None):
         stream = len(texts) == 1
         ids, out, sparsity, dt = run(net, tok, eos, texts, args, args.attn, args.budget, args.block_size,
                                      args.gate, graphs, on_token if stream else None)
-    except (FileNotFoundError, ValueError, M.CacheFull) as e:
+    except (OSError, ValueError, M.CacheFull) as e:   # OSError: a file missing or unreadable
         raise SystemExit(f"error: {e}")
     if stream:
         print()

@@ -634,6 +634,12 @@ def check_device(parser, device):
         parser.error(f"--device {device}: give cpu, or cuda on a machine with a CUDA GPU")
 
 
+def unreadable(path):
+    """Why path cannot be read as a file ("does not exist", "is a directory"), or None. Pipes and
+    devices pass: /dev/null reads as an empty file, <(...) as its contents."""
+    return "does not exist" if not os.path.exists(path) else "is a directory" if os.path.isdir(path) else None
+
+
 def write_folder(path, state, config):
     """config.json and model.safetensors into folder path, each through a temp file and a rename,
     so a failed write leaves the old file whole. The weights get config.json's permissions

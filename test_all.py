@@ -209,7 +209,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     cases = [("generate.py", "--top-p", "0", "--top-p in"), ("generate.py", "--temperature", "-1", "--temperature >= 0"),
              ("generate.py", "--block-size", "0", "--block-size must be"),
              ("generate.py", "--eval-budgets", "64,x", "integers, comma-separated"),
-             ("generate.py", "--device", "tpu", "--device tpu"), ("bench.py e2e", "--hf", "qwen3-8b:8", "--hf qwen3-8b:8")]
+             ("generate.py", "--device", "tpu", "--device tpu"), ("bench.py e2e", "--hf", "qwen3-8b:8", "--hf qwen3-8b:8"),
+             ("generate.py", "--eval", str(tmp_path), "is a directory"),   # files: a pipe or device reads as one
+             ("generate.py", "--prompts-file", "/dev/null", "holds no prompt"), ("generate.py", "--eval", "/dev/null",
+                                                                                 "no records")]
     if not torch.cuda.is_available():
         cases += [("generate.py", "--device", "cuda", "a CUDA GPU"), ("bench.py kernel", "", "", "a CUDA GPU"),
                   ("generate.py", "--kv-memory-fraction", "0.5", "--num-pages on cpu")]

@@ -73,8 +73,8 @@ def read_texts(paths):
     """-> (texts, malformed line count). Raises on a missing file or an unknown extension."""
     texts, bad = [], 0
     for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"data file {path} does not exist")
+        if M.unreadable(path):
+            raise FileNotFoundError(f"data file {path} {M.unreadable(path)}")
         if not path.endswith((".jsonl", ".txt")):
             raise ValueError(f"data file {path}: expected .jsonl or .txt")
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -519,7 +519,7 @@ def main(argv=None):
         step = 0
         if args.resume:
             step = load_checkpoint(net, opt, args, setup)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:   # OSError: a file missing or unreadable
         raise SystemExit(f"error: {e}")
     data = Order(tokens, spans, args.seed)
     L, Hk, S = len(net.layers), net.config.num_key_value_heads, args.block_size
