@@ -268,9 +268,7 @@ def _check_inputs(q, k_pages, v_pages, block_table, lengths, blocks):
     tensors = dict(q=q, k_pages=k_pages, v_pages=v_pages, block_table=block_table,
                    lengths=lengths, **({} if blocks is None else dict(blocks=blocks)))
     for name, t in tensors.items():
-        need(isinstance(t, torch.Tensor) and t.is_cuda and t.device == q.device,
-             f"{name} must be a CUDA tensor on q's device.")
-        need(t.is_contiguous(), f"{name} must be contiguous.")
+        need(isinstance(t, torch.Tensor) and t.is_contiguous(), f"{name} must be a contiguous tensor.")
     need(q.dim() == 3 and k_pages.dim() == 4, "q must be [B, Hq, D] and k_pages [P, S, Hk, D].")
     B, Hq, D = q.shape
     P, S, Hk, Dk = k_pages.shape
@@ -287,6 +285,8 @@ def _check_inputs(q, k_pages, v_pages, block_table, lengths, blocks):
     if blocks is not None:
         need(blocks.dtype == torch.int32 and blocks.dim() == 3 and blocks.shape[:2] == (B, Hk)
              and blocks.shape[2] > 0, "blocks must be int32 [B, Hk, K] with K >= 1.")
+    for name, t in tensors.items():   # last: without a GPU the tests still reach every check above
+        need(t.is_cuda and t.device == q.device, f"{name} must be a CUDA tensor on q's device.")
 
 
 def _check_values(k_pages, block_table, lengths, blocks):
