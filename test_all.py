@@ -230,7 +230,8 @@ def test_generate_cli_streams_and_reports(tmp_path):
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.save(str(tmp_path / "tokenizer.json"))
     r = subprocess.run([sys.executable, "generate.py", "--model", str(tmp_path), "--prompt", "w1 w2 w3",
-                        "--max-new-tokens", "12", "--block-size", "4"], cwd=HERE, capture_output=True, text=True)
+                        "--max-new-tokens", "12", "--block-size", "4", "--dtype", "float32"], cwd=HERE,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "prompt tokens 3 | generated tokens 12 |" in r.stdout and "tokens/s" in r.stdout
     # the streamed text is transformers' greedy continuation of the same folder
