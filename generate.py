@@ -377,8 +377,8 @@ def main(argv=None):
         raise SystemExit("error: --max-new-tokens must be >= 1")
     prompts = list(args.prompt)
     if args.prompts_file:
-        if M.unreadable(args.prompts_file):
-            raise SystemExit(f"error: --prompts-file {args.prompts_file} {M.unreadable(args.prompts_file)}")
+        if why := M.unreadable(args.prompts_file):
+            raise SystemExit(f"error: --prompts-file {args.prompts_file} {why}")
         with open(args.prompts_file) as f:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts and not args.eval:
@@ -386,8 +386,8 @@ def main(argv=None):
                          "error: give --prompt TEXT (repeatable), --prompts-file FILE or --eval FILE.jsonl")
     if args.attn == "dense" and (args.budget or args.threshold):
         raise SystemExit("error: --budget and --threshold choose blocks for a sparse --attn; dense reads every block")
-    if args.eval and M.unreadable(args.eval):
-        raise SystemExit(f"error: --eval {args.eval} {M.unreadable(args.eval)}")
+    if args.eval and (why := M.unreadable(args.eval)):
+        raise SystemExit(f"error: --eval {args.eval} {why}")
     try:
         dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
         net = M.Qwen3.from_pretrained(args.model, device=args.device, dtype=dtype)

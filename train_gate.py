@@ -73,8 +73,8 @@ def read_texts(paths):
     """-> (texts, malformed line count). Raises on a missing file or an unknown extension."""
     texts, bad = [], 0
     for path in paths:
-        if M.unreadable(path):
-            raise FileNotFoundError(f"data file {path} {M.unreadable(path)}")
+        if why := M.unreadable(path):
+            raise FileNotFoundError(f"data file {path} {why}")
         if not path.endswith((".jsonl", ".txt")):
             raise ValueError(f"data file {path}: expected .jsonl or .txt")
         with open(path, encoding="utf-8", errors="replace") as f:
