@@ -97,10 +97,31 @@ def test_paged_greedy_matches_transformers_ragged_batch(tmp_path, dev, monkeypat
     hf.generation_config.eos_token_id = None                    # run the full 45 tokens
     cache = M.PagedKVCache(ours.config, num_pages=64, page_size=16, device=dev)
     got = gen.generate(ours, cache, prompts, n_new, graphs=dev == "cuda")   # no eos: 45 tokens each, crossing pages
-    for p, g in zip(prompts, got):
-        ref = hf.generate(torch.tensor([p]), max_new_tokens=n_new, do_sample=False)[0, len(p):].tolist()
-        assert g == ref
+    refs = [hf.generate(torch.tensor([p]), max_new_tokens=n_new, do_sample=False)[0, len(p):].tolist() for p in prompts]
+    assert got == refs
     assert len(cache.free) == 64 and not cache.pages             # every page came back
+    # an eos that the first sequence meets at its 8th token: the batch shrinks while the rest decode on
+    eos = refs[0][7]
+    got = gen.generate(ours, cache, prompts, n_new, eos={eos}, graphs=dev == "cuda")
+    assert got == [r[:r.index(eos) + 1] if eos in r else r for r in refs] and len({len(g) for g in got}) > 1
+    assert len(cache.free) == 64 and not cache.pages
+
+
+def test_sampling_draws_from_the_tempered_nucleus():
+    """generate.sample at temperature 0.7, top-p 0.8: 20,000 draws from fixed logits against a float64
+    softmax(logits / T) kept to the smallest set of tokens whose mass reaches p, renormalised."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(20000, 1)
+    T, p = 0.7, 0.8
+    probs = (logits[0].double() / T).softmax(-1)
+    keep, mass = torch.zeros(6, dtype=torch.bool), 0.0
+    for i in probs.argsort(descending=True).tolist():
+        keep[i], mass = True, mass + probs[i].item()
+        if mass >= p:
+            break
+    want = torch.where(keep, probs, 0.0) / probs[keep].sum()
+    got = torch.bincount(gen.sample(logits, T, p, torch.Generator().manual_seed(0)), minlength=6).double() / 20000
+    assert 1 < keep.sum() < 6 and (got[~keep] == 0).all() and (got - want).abs().max() < 0.015, (got, want)
+    assert torch.equal(gen.sample(logits[:3], 0.0, p, None), torch.zeros(3, dtype=torch.long))   # 0: greedy
 
 
 def test_decode_equals_full_recompute_each_step_and_pages_are_reused(tmp_path):
