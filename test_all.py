@@ -243,6 +243,20 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         assert r.returncode != 0 and re.search(msg, r.stderr) and "Traceback" not in r.stderr, (args, r.stderr)
 
 
+def test_help_shows_each_flags_default_once():
+    """Every script's --help (model.CLIHelp): a flag's default appears once, added as "(default: x)"
+    unless the help text already speaks of its default, and never for an unset one."""
+    for script in ("generate.py", "train_gate.py", "bench.py e2e", "bench.py kernel", "tiny.py pretrain", "tiny.py data"):
+        r = subprocess.run([sys.executable, *script.split(), "--help"], cwd=HERE, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        for entry in re.split(r"\n  (?=-)", r.stdout)[1:]:                   # one flag each
+            added = len(re.findall(r"\(default:\s", entry))
+            assert added <= 1 and not (added and entry.count("default") > 1), (script, entry)
+            assert not re.search(r"\(default:\s+(None|False|\[\])\)", entry), (script, entry)
+        if script == "generate.py":
+            assert re.search(r"0 = greedy; > 0 samples\s+\(default:\s+0\.0\)", r.stdout)
+
+
 def test_generate_cli_streams_and_reports(tmp_path):
     make_hf_model(tmp_path, vocab=128)
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -770,6 +784,9 @@ def test_gate_and_budget_bad_inputs(tmp_path):
     make_hf_model(tmp_path / "big", hq=8, hk=2, d=32, layers=3)
     with pytest.raises(ValueError, match="layers 2 vs model 3, group size 2 vs model 4"):
         GT.load_gates(M.Qwen3.from_pretrained(str(tmp_path / "big")), str(tmp_path / "g"))
+    make_hf_model(tmp_path / "wide", hq=4, hk=2, d=64)                  # only the head_dim differs
+    with pytest.raises(ValueError, match="fit this model: head_dim 32 vs model 64$"):
+        GT.load_gates(M.Qwen3.from_pretrained(str(tmp_path / "wide")), str(tmp_path / "g"))
     cache = M.PagedKVCache(net.config, 8, 16)
     with pytest.raises(ValueError, match="block size 8 != page size 16"):
         GT.Selector("seer", net, cache, 32)
@@ -1128,6 +1145,10 @@ def test_resume_after_interruption_gives_identical_gates(setup, monkeypatch):
     # a different gate or data setup is refused, saying what differs
     with pytest.raises(SystemExit, match="--gate-hidden 16 there vs 8 now"):
         TG.main(base_args(model, data, d / "full", "--steps", "8", "--resume", "--gate-hidden", "8"))
+    other = d / "reversed.jsonl"                                        # the same texts in another order
+    other.write_text("".join(reversed(open(data).readlines())))
+    with pytest.raises(SystemExit, match=r"data \(crc32, sequences\) \[\d+, \d+\] there vs"):
+        TG.main(base_args(model, str(other), d / "full", "--steps", "8", "--resume"))
     with pytest.raises(SystemExit, match="already holds a run"):
         TG.main(base_args(model, data, d / "full", "--steps", "8"))
 
@@ -1202,7 +1223,10 @@ def test_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys):
         assert re.search(msg, f"{e.value} {capsys.readouterr().err}"), msg
     # --out: never over a model or gate folder, and writable, both found before any training
     (tmp_path / "file").write_text("")
-    for out, msg in [(model, "already holds config.json"), (tmp_path / "file" / "o", "cannot be written")]:
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "model.safetensors").write_text("")                 # weights alone count too
+    for out, msg in [(model, "already holds config.json"), (tmp_path / "w", "already holds model.safetensors"),
+                     (tmp_path / "file" / "o", "cannot be written")]:
         with pytest.raises(SystemExit, match=msg):
             TG.main(["--model", model, "--out", str(out), "--data", data, "--block-size", "16", "--seq-len", "128"])
     r = subprocess.run([sys.executable, "train_gate.py", "--model", model, "--out", str(tmp_path / "o"), "--data", bad,
