@@ -1389,14 +1389,16 @@ def test_default_problem_is_at_least_4k_tokens_and_lookups_reach_far_back():
     assert len(tiny.build_tokenizer().encode(text).ids) >= 4096
     words = re.findall(r"\n|[^ \n]+", text)
     start = len(re.findall(r"\n|[^ \n]+", p["prompt"]))
-    last, dist = {}, []                                            # where each fact was last stated
+    last, dist, ys = {}, [], []                                    # where each fact was last stated
     for i in range(len(words) - 1):
         if words[i + 1].isdigit() and words[i][0] in "xy":             # a name and its value
             if i >= start and words[i - 1] == ";" and words[i + 2] == ";":   # a lookup, not a result
                 dist.append(i - last[words[i]])
+                ys += [dist[-1]] * (words[i][0] == "y")
             last[words[i]] = i
     assert len(dist) == 2 * tiny.N_Y
     assert sorted(dist)[len(dist) // 2] > 512                      # even to the latest restatement
+    assert len(ys) > 40 and sorted(ys)[len(ys) // 2] > 100         # earlier results too, not just the last one
 
 
 def test_training_batches_fit_the_sequence_length_and_mask_only_the_prompt():
