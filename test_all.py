@@ -83,6 +83,13 @@ def test_prefill_logits_match_transformers(tmp_path, tied, hq, hk, d, shard):
         cache = M.PagedKVCache(ours.config, num_pages=8, page_size=16)
         last = ours.prefill(ids[0].tolist(), "a", cache)
         assert (last - ref[0, -1]).abs().max() <= 1e-4
+    if tied and not shard:   # a tied checkpoint that also stores lm_head.weight: tied as transformers ties it
+        from safetensors.torch import load_file, save_file
+        w = load_file(tmp_path / "model.safetensors")
+        save_file({**w, "lm_head.weight": torch.randn_like(w["model.embed_tokens.weight"])},
+                  tmp_path / "model.safetensors", metadata={"format": "pt"})
+        with torch.no_grad():
+            assert (M.Qwen3.from_pretrained(str(tmp_path))(ids) - ref).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=cuda)])
