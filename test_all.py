@@ -988,10 +988,11 @@ def test_decode_kernel_compiles_for_sm90_at_model_shapes(dense):
 # ---- gate training (train_gate.py) ----
 
 def peaked_model(path):
-    """make_hf_model(peaked=True), head dim 32, with a word-level tokenizer.json (w0 .. w126, <eos>)."""
+    """make_hf_model(peaked=True), head dim 32, with a word-level tokenizer.json (w0 .. w126, then
+    <|endoftext|>, the separator packing puts between documents)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     make_hf_model(path, d=32, peaked=True)
-    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(127)} | {"<eos>": 127}, unk_token="w0"))
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(127)} | {"<|endoftext|>": 127}, unk_token="w0"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.save(os.path.join(path, "tokenizer.json"))
     return str(path)
@@ -1068,6 +1069,26 @@ def test_chunked_gate_logits_equal_attngate_scores():
     assert torch.allclose(got, gate.scores(q, k)[20:], atol=1e-5)
 
 
+def test_train_layer_kl_is_the_float64_kl_of_target_and_gate():
+    """train_layer's summed KL(target || gate), chunk by chunk, against float64 row by row: naive_target
+    and a log-softmax of AttnGate.scores over the same complete blocks; and its gradient reaches every
+    gate weight."""
+    import gate as GT
+    torch.manual_seed(5)
+    S, T, Hk, G, D = 8, 72, 2, 2, 16
+    gate = GT.AttnGate(Hk, G, D, 8, S, True, 100.0)
+    q, k = torch.randn(T, Hk * G, D), torch.randn(T, Hk, D)
+    kl = TG.train_layer(gate, q, k, q, k, 0.0, 16, 1.0)                 # (no RoPE: the same q, k both ways)
+    scores = gate.scores(q, k).detach().double()                         # [T, Hk, NB]
+    a, b = TG.counted_rows(T, S, 0.0)
+    want = 0.0
+    for t in range(max(a, S), b):                                        # rows with a complete block before
+        tgt, logp = naive_target(q, k, S, t), scores[t, :, :t // S].log_softmax(-1)
+        want += float((torch.xlogy(tgt, tgt) - tgt * logp).sum())
+    assert want > 0 and abs(kl.item() - want) < 1e-4 * want, (kl.item(), want)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
+
+
 def test_recall_far_needle_counts_match_a_float64_reference():
     """recall_layer's far needles (a block >= 3 blocks back holding >= 0.5 of some head's
     attention) and how many the gate's top blocks hold, against explicit float64 attention and
@@ -1097,6 +1118,16 @@ def test_recall_far_needle_counts_match_a_float64_reference():
                     found[budget] += j in ranking[t, h, :cur].topk(min(budget // S, cur)).indices.tolist()
     assert far >= 80 and sums["far"] == far
     assert 0 < found[16] < found[32] and [sums["gate", b, "far"] for b in found] == list(found.values()), found
+    # recall: the group's attention mass (per head, averaged over G) in the top blocks plus the row's own
+    a, b = TG.counted_rows(T, S, 0.0)
+    blocks = p.view(T, Hk, G, T // S, S)
+    mass, peak = blocks.sum(-1).sum(2) / G, blocks.amax(-1).amax(2)     # [T, Hk, NB] each
+    assert sums["n"] == (b - a) * Hk
+    for name, rank in (("oracle", peak), ("gate", ranking)):
+        for budget in (16, 32):
+            want = sum(mass[t, h, rank[t, h, :t // S].topk(min(budget // S, t // S)).indices].sum() + mass[t, h, t // S]
+                       for t in range(a, b) for h in range(Hk))
+            assert abs(sums[name, budget] - want) / sums["n"] < 1e-4, (name, budget)
 
 
 def base_args(model, data, out, *extra):
@@ -1203,7 +1234,11 @@ def test_data_formats_skip_and_count_bad_lines_and_short_sequences(setup, capsys
     assert len(spans) == 3 and all(b - a == 128 for a, b in spans)
     (d / "doc.txt").write_text(long)
     tokens, spans = TG.load_sequences([str(d / "doc.txt")], model, 64, 16, pack=True)
-    assert [b - a for a, b in spans] == [64, 64, 64]                   # 200 tokens: the 8-token tail dropped
+    assert [b - a for a, b in spans] == [64, 64, 64]                   # 200 tokens: the 9-token tail dropped
+    (d / "doc2.txt").write_text("w5 " * 40)                               # packed: doc, <|endoftext|>, doc2, ...
+    tokens, spans = TG.load_sequences([str(d / "doc.txt"), str(d / "doc2.txt")], model, 64, 16, pack=True)
+    assert len(tokens) == 242 and tokens[200] == tokens[241] == 127 and (tokens[201:241] == 5).all()
+    assert spans == [(0, 64), (64, 128), (128, 192), (192, 242)]
     assert TG.render({"prompt": "a", "response": "b"}) == \
         "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
 
