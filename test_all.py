@@ -253,7 +253,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
 def test_help_shows_each_flags_default_once():
     """Every script's --help (model.CLIHelp): a flag's default appears once, added as "(default: x)"
     unless the help text already speaks of its default, and never for an unset one."""
-    for script in ("generate.py", "train_gate.py", "bench.py e2e", "bench.py kernel", "tiny.py pretrain", "tiny.py data"):
+    for script in ("generate.py", "train_gate.py", "bench.py e2e", "bench.py kernel", "tiny.py pretrain",
+                   "tiny.py data"):
         r = subprocess.run([sys.executable, *script.split(), "--help"], cwd=HERE, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         for entry in re.split(r"\n  (?=-)", r.stdout)[1:]:                   # one flag each
@@ -1125,8 +1126,8 @@ def test_recall_far_needle_counts_match_a_float64_reference():
     assert sums["n"] == (b - a) * Hk
     for name, rank in (("oracle", peak), ("gate", ranking)):
         for budget in (16, 32):
-            want = sum(mass[t, h, rank[t, h, :t // S].topk(min(budget // S, t // S)).indices].sum() + mass[t, h, t // S]
-                       for t in range(a, b) for h in range(Hk))
+            top = lambda t, h: rank[t, h, :t // S].topk(min(budget // S, t // S)).indices
+            want = sum(mass[t, h, top(t, h)].sum() + mass[t, h, t // S] for t in range(a, b) for h in range(Hk))
             assert abs(sums[name, budget] - want) / sums["n"] < 1e-4, (name, budget)
 
 
