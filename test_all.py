@@ -456,6 +456,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]   # on CUDA, seer's decode r
 
 @pytest.mark.parametrize("dev", DEVICES)
 def test_pooled_keys_incremental_decode_equal_prefill(tmp_path, dev, monkeypatch):
+    """The pooled keys a decode builds token by token equal those a prefill of the same tokens pools at
+    once: a consistency test of the running stats (the gate's own math is checked against float64 in
+    test_gate_scores_match_explicit_float64_computation)."""
     monkeypatch.setattr(M, "decode_attention", M.decode_attention_ref)   # float32 here: not the TileLang kernel
     net = gated_model(tmp_path).to(dev)
     torch.manual_seed(5)
@@ -1061,6 +1064,9 @@ def test_fused_target_matches_float64_reference_triton():
 
 
 def test_chunked_gate_logits_equal_attngate_scores():
+    """train_gate.gate_logits on a chunk of rows equals AttnGate.scores on the whole sequence: the
+    chunking and the causal block mask, the scores themselves being checked against float64 in
+    test_gate_scores_match_explicit_float64_computation."""
     import gate as GT
     torch.manual_seed(1)
     gate = GT.AttnGate(2, 3, 16, 8, 4, True, 100.0)
