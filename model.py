@@ -640,19 +640,30 @@ def unreadable(path):
     return "does not exist" if not os.path.exists(path) else "is a directory" if os.path.isdir(path) else None
 
 
+def holds_model(folder):
+    """The model file (config.json or model.safetensors) that folder already holds, or None."""
+    return next((f for f in ("config.json", "model.safetensors") if os.path.exists(os.path.join(folder, f))), None)
+
+
 def write_folder(path, state, config):
     """config.json and model.safetensors into folder path, each through a temp file and a rename,
-    so a failed write leaves the old file whole. The weights get config.json's permissions
-    (safetensors' save_file makes its file owner-only)."""
+    so a failed write leaves the old file whole (and no temp file behind). The weights get
+    config.json's permissions (safetensors' save_file makes its file owner-only)."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     cfg_tmp, tmp = os.path.join(path, "config.json.tmp"), os.path.join(path, "model.safetensors.tmp")
-    with open(cfg_tmp, "w") as f:
-        json.dump(config, f, indent=2)
-    save_file(state, tmp, metadata={"format": "pt"})
-    os.chmod(tmp, os.stat(cfg_tmp).st_mode)
-    os.replace(tmp, os.path.join(path, "model.safetensors"))
-    os.replace(cfg_tmp, os.path.join(path, "config.json"))
+    try:
+        with open(cfg_tmp, "w") as f:
+            json.dump(config, f, indent=2)
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, os.stat(cfg_tmp).st_mode)
+        os.replace(tmp, os.path.join(path, "model.safetensors"))
+        os.replace(cfg_tmp, os.path.join(path, "config.json"))
+    except BaseException:
+        for t in (tmp, cfg_tmp):
+            if os.path.exists(t):
+                os.remove(t)
+        raise
 
 
 # Hugging Face keeps q/k/v_proj and gate/up_proj apart; each set is one stacked weight here, so

@@ -373,7 +373,7 @@ def main(argv=None):
             sizes_for(args.seq_len)
             if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
                 raise ValueError(f"--init {args.init}: no config.json there (expected a model folder)")
-            if any(os.path.exists(os.path.join(args.out, f)) for f in ("config.json", "model.safetensors")):
+            if M.holds_model(args.out):
                 raise ValueError(f"--out {args.out} already holds a model: give a new or empty folder")
         except ValueError as e:
             raise SystemExit(f"error: {e}")

@@ -333,9 +333,8 @@ def save_checkpoint(model, opt, step, args, setup):
         GT.save_gates(model, args.out, {"train_step": step})
         os.replace(tmp, path)
     except OSError as e:
-        for name in ("train_state.pt.tmp", "model.safetensors.tmp", "config.json.tmp"):
-            if os.path.exists(os.path.join(args.out, name)):
-                os.remove(os.path.join(args.out, name))
+        if os.path.exists(tmp):                                          # (write_folder cleans up its own)
+            os.remove(tmp)
         kept = "the previous checkpoint there is intact" if os.path.isfile(path) else "nothing was saved"
         raise SystemExit(f"error: could not save the step-{step} checkpoint to {args.out} ({e}); {kept}")
 
@@ -347,9 +346,8 @@ def check_out(args):
         return
     if os.path.isfile(os.path.join(args.out, "train_state.pt")):
         raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or pick another --out")
-    for name in ("config.json", "model.safetensors"):
-        if os.path.exists(os.path.join(args.out, name)):
-            raise ValueError(f"{args.out} already holds {name} (a model or gate folder): pick a new or empty --out")
+    if name := M.holds_model(args.out):
+        raise ValueError(f"{args.out} already holds {name} (a model or gate folder): pick a new or empty --out")
     try:
         os.makedirs(args.out, exist_ok=True)
         with tempfile.TemporaryFile(dir=args.out):
