@@ -496,8 +496,9 @@ if triton is not None:
         w = tl.arange(0, W_P2)
         tl.store(row + w, tl.where(w == W - 1, cur, -1), mask=(w >= n) & (w < W))
         real = length > 1                                                # lengths <= 1: graph padding
-        tl.atomic_add(read, (n * S + length - cur * S).to(tl.float64), mask=real)
-        tl.atomic_add(total, length.to(tl.float64), mask=real)
+        # relaxed: the counts are read after the step; Triton's default (acq_rel) fenced and synced every program
+        tl.atomic_add(read, (n * S + length - cur * S).to(tl.float64), mask=real, sem="relaxed")
+        tl.atomic_add(total, length.to(tl.float64), mask=real, sem="relaxed")
         # last, the new key into its page's running max / min (in float32: exact for bf16 / fp16, and Triton's
         # CPU interpreter compares bf16 as raw bits) and sum. (This pooling ahead of the search took the kernel
         # 17.2 µs, not 9.0: Qwen3-8B, batch 8 x 32K, H200.)
