@@ -478,11 +478,11 @@ if triton is not None:
             bits = score.to(tl.int32, bitcast=True)
             key = (bits ^ ((bits >> 31) & 0x7FFFFFFF) ^ -2147483648).to(tl.uint32, bitcast=True)   # float order
             key = tl.where(valid, key, 0)   # below every score's key (only -NaN's bits would map to 0)
-            kth, bit, n = tl.zeros([], tl.uint32), tl.full([], 31, tl.int32), tl.full([], -1, tl.int32)
-            while (bit >= 0) & (n != K):   # done early once exactly K keys are >= kth: those are the K best
+            kth, bit, n_top = tl.zeros([], tl.uint32), tl.full([], 31, tl.int32), tl.full([], -1, tl.int32)
+            while (bit >= 0) & (n_top != K):   # done early once exactly K keys are >= kth: the K best
                 cand = kth | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
                 n_ge = tl.sum((key >= cand).to(tl.int32), 0)
-                kth, n = tl.where(n_ge >= K, cand, kth), tl.where(n_ge >= K, n_ge, n)
+                kth, n_top = tl.where(n_ge >= K, cand, kth), tl.where(n_ge >= K, n_ge, n_top)
                 bit -= 1
             above = key > kth
             tie_rank = tl.cumsum((key == kth).to(tl.int32), 0)               # ties: lowest ids first
