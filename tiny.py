@@ -355,7 +355,7 @@ def main(argv=None):
                                                           "(use a new one with --init)")
     t.add_argument("--workers", type=int, default=8, help="processes writing training problems")
     t.add_argument("--init", help="start from this model folder's weights instead of from scratch")
-    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     if args.cmd == "data":
         if args.n < 1:
@@ -366,7 +366,7 @@ def main(argv=None):
             raise SystemExit(f"error: {e}")
         print(f"wrote {args.n} problems of {n_tokens(args.n_x, args.n_y)} tokens to {args.out}")
     else:
-        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        M.check_device(p, args.device)
         if min(args.steps, args.batch, args.workers) < 1 or args.max_minutes <= 0:
             raise SystemExit("error: --steps, --batch and --workers must be >= 1 and --max-minutes > 0")
         try:
