@@ -112,7 +112,9 @@ def build(dtype, Hq, Hk, D, S, dense, stages, pdl):
             # once, so the copy loop below waits on no index loads. -1 = skip.
             for i in T.Parallel(CHUNK):  # (no Python temporaries here: a let of a thread-dependent
                 # value at kernel level defeats TileLang's barrier planning for the loop below)
-                ids[i] = T.if_then_else((share(blocks, b, h, start, count, i) >= 0) & (share(blocks, b, h, start, count, i) < n_blk), share(blocks, b, h, start, count, i), -1)
+                ids[i] = T.if_then_else((share(blocks, b, h, start, count, i) >= 0)
+                                        & (share(blocks, b, h, start, count, i) < n_blk),
+                                        share(blocks, b, h, start, count, i), -1)
                 pages[i] = T.if_then_else(ids[i] >= 0, T.max(T.min(table[b, T.max(ids[i], 0)], P - 1), 0), 0)
             T.sync_threads()
             if pdl == "start":

@@ -440,7 +440,8 @@ def test_gate_scores_match_explicit_float64_computation():
                 pooled = torch.cat([blk.max(0).values, blk.min(0).values, blk.mean(0)])
                 gk = rope64(rms_norm64(pooled @ Wk[h], nk, 1e-6), j * S, 100.0)
                 want = gq @ gk / dg ** 0.5 if j < t // S else float("-inf")
-                assert got[t, h, j] == want if want == float("-inf") else abs(got[t, h, j] - want) < 1e-5  # RoPE angles are float32, as in HF
+                # (RoPE angles are float32, as in HF)
+                assert got[t, h, j] == want if want == float("-inf") else abs(got[t, h, j] - want) < 1e-5
 
 
 def gated_model(path, hq=4, hk=2, d=32, seed=0):
@@ -527,7 +528,8 @@ def test_oracle_picks_blocks_of_highest_true_attention_and_quest_bounds_qk(tmp_p
                     bounds = []
                     for j in range(cur + 1):
                         page = int(table[0, j])
-                        kmax, kmin = cache.pooled["qmax"][layer, page, h].double(), cache.pooled["qmin"][layer, page, h].double()
+                        kmax = cache.pooled["qmax"][layer, page, h].double()
+                        kmin = cache.pooled["qmin"][layer, page, h].double()
                         bound = torch.maximum(qh * kmax, qh * kmin).sum(-1)    # [G]
                         true = qh @ k[j * S:min(L, (j + 1) * S), h].T           # [G, tokens]
                         assert (bound[:, None] >= true - 1e-4).all()
@@ -1556,7 +1558,8 @@ def test_default_generate_runs_end_to_end_on_the_shipped_model():
                        cwd=HERE, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
-    assert "[tiny task, problem seed 3]" in out and re.search(r"\[answer (correct|WRONG) \(expected \d\) \| steps correct \d+/120\]", out)
+    assert "[tiny task, problem seed 3]" in out
+    assert re.search(r"\[answer (correct|WRONG) \(expected \d\) \| steps correct \d+/120\]", out)
     m = re.search(r"generated tokens (\d+) \| [\d.]+ tokens/s \| attn seer block 16 budget 512 \| sparsity ([\d.]+)%", out)
     assert m and int(m.group(1)) == 120 and float(m.group(2)) > 50   # a 1.6K-token prompt, 512 tokens read per step
 
@@ -1564,8 +1567,9 @@ def test_default_generate_runs_end_to_end_on_the_shipped_model():
 def test_eval_mode_scores_problems_and_prints_every_row(tmp_path):
     data = tmp_path / "p.jsonl"
     tiny.write_jsonl(str(data), 3, seed=5, n_x=40, n_y=6)
-    r = subprocess.run([sys.executable, "generate.py", "--eval", str(data), "--task", "tiny", "--eval-budgets", "32,64", "--max-new-tokens", "160",
-                        "--eval-blocks", "16,32"], cwd=HERE, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "generate.py", "--eval", str(data), "--task", "tiny", "--eval-budgets", "32,64",
+                        "--max-new-tokens", "160", "--eval-blocks", "16,32"],
+                       cwd=HERE, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = re.findall(r"^\s*(\w+)\s+block\s+(\S+) budget\s+(\S+): answer ([\d.]+)% steps ([\d.]+)% sparsity ([\d.]+)%",
                       r.stdout, re.M)

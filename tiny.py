@@ -320,8 +320,9 @@ def pretrain(args):
                final_loss=round(loss.item(), 4), **acc)
     save_folder(net, tok, args.out, log)
     print(f"pretrained {done} steps, {tokens / 1e6:.1f}M tokens in {seconds:.0f} s ({tokens / seconds:.0f} tokens/s) "
-          f"on {log['device']}; final loss {loss.item():.4f}; held-out teacher-forced token acc {acc['token_acc']:.2%}, "
-          f"step acc {acc['step_acc']:.2%}, x lookups {acc['x_acc']:.2%}, y lookups {acc['y_acc']:.2%}, signs {acc['sign_acc']:.2%}; saved {args.out}")
+          f"on {log['device']}; final loss {loss.item():.4f}; held-out teacher-forced token acc "
+          f"{acc['token_acc']:.2%}, step acc {acc['step_acc']:.2%}, x lookups {acc['x_acc']:.2%}, "
+          f"y lookups {acc['y_acc']:.2%}, signs {acc['sign_acc']:.2%}; saved {args.out}")
 
 
 def main(argv=None):
@@ -345,8 +346,8 @@ def main(argv=None):
                    help="wall-clock budget: the cosine schedule runs on max(step/steps, time/budget), stops at 1")
     t.add_argument("--batch", type=int, default=32, help="rows of --seq-len tokens per step (shorter problems: "
                                                          "proportionally more of them)")
-    t.add_argument("--seq-len", type=int, default=5120, help="tokens of the largest training problem "
-                                                             "(5120: 370 variables, 148 steps; covers the default task)")
+    t.add_argument("--seq-len", type=int, default=5120, help="tokens of the largest training problem (5120: 370 "
+                                                             "variables, 148 steps; covers the default task)")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine to 10%% of it)")
     t.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     t.add_argument("--eval-every", type=int, default=250, help="held-out teacher-forced accuracy and a save every "
