@@ -62,7 +62,7 @@ ROWS = 16  # query rows per program: G (<= 8) padded to the tensor-core tile hei
 LOG2E = 1.4426950408889634
 
 
-def build(dtype, Hq, Hk, D, S, dense, stages, pdl):
+def build(dtype, Hq, Hk, D, S, dense, stages):
     """The TileLang program (split kernel + combine kernel) for one configuration."""
     threads = 64 if S == 16 else 128  # each warp needs >= 8 score columns of the [16, S] tile
     G = Hq // Hk
@@ -117,8 +117,6 @@ def build(dtype, Hq, Hk, D, S, dense, stages, pdl):
                                         share(blocks, b, h, start, count, i), -1)
                 pages[i] = T.if_then_else(ids[i] >= 0, T.max(T.min(table[b, T.max(ids[i], 0)], P - 1), 0), 0)
             T.sync_threads()
-            if pdl == "start":
-                T.pdl_trigger()
             for i, d in T.Parallel(ROWS, D):
                 q_s[i, d] = q_r[i, d] if threads == 128 else q_row(Q, b, h, i, d)
             T.fill(acc_o, 0)
@@ -159,8 +157,8 @@ def build(dtype, Hq, Hk, D, S, dense, stages, pdl):
                 if i < G:  # an empty share has lse -inf and weighs nothing in the combine
                     lse_part[b, h * G + i, s] = T.if_then_else(
                         l[i] > 0, T.log2(l[i]) + m[i], -T.infinity(f32))
-            if pdl == "end":
-                T.pdl_trigger()  # the combine kernel may launch (it waits for our writes)
+            T.pdl_trigger()  # the combine kernel may launch (it waits for our writes). (At the programs'
+            # start instead, its programs took SMs the split programs needed: 2.9 -> 237 µs, H200.)
 
     @T.macro
     def combine_kernel(lse_part, o_part, Out):
@@ -170,8 +168,7 @@ def build(dtype, Hq, Hk, D, S, dense, stages, pdl):
         with T.Kernel(Hq, B, threads=D) as (hq, b):
             d = T.get_thread_binding()
             lse = T.alloc_local([MAX_SPLITS], f32)
-            if pdl:
-                T.pdl_sync()  # launched early (programmatic dependent launch): wait here
+            T.pdl_sync()  # launched early (programmatic dependent launch): wait here
             lse_max = T.alloc_var(f32)
             total = T.alloc_var(f32)
             acc = T.alloc_var(f32)
@@ -211,7 +208,7 @@ def build(dtype, Hq, Hk, D, S, dense, stages, pdl):
 
 
 PASS_CONFIGS = {"tl.disable_safe_memory_legalize": True}
-_KERNELS = {}      # (dtype, Hq, Hk, D, S, dense, arch, STAGES, PDL) -> compiled kernel
+_KERNELS = {}      # (dtype, Hq, Hk, D, S, dense, arch, STAGES) -> compiled kernel
 # Pipeline stages (page buffers of K and of V per program). 2 hangs on the H200 (2026-11-30):
 # a launch mixing rows that read all their entries with rows whose lists are mostly -1 (a
 # CUDA-graph bucket's padding rows) never ends; see the README and
@@ -219,19 +216,18 @@ _KERNELS = {}      # (dtype, Hq, Hk, D, S, dense, arch, STAGES, PDL) -> compiled
 # time the same, dense mode at batch 32 x 32K is ~20% slower (1,157-1,176 us in three runs
 # against 969; H200, 2026-11-30).
 STAGES = 1
-PDL = "end"        # programmatic dependent launch of the combine kernel
 WAVES = 2          # resident programs per SM (registers and shared memory allow 2)
 MIN_PAGES = 2      # fewer pages per program cost more in the combine than they save
 
 
 def get_kernel(dtype, Hq, Hk, D, S, dense, arch="sm_90"):
-    key = (dtype, Hq, Hk, D, S, dense, arch, STAGES, PDL)
+    key = (dtype, Hq, Hk, D, S, dense, arch, STAGES)
     if key not in _KERNELS:
         # Every index in build() is clamped by hand, so TileLang's per-load bounds guards are
         # off: a guard is a branch around each load, and the combine's loads must all be in
         # flight at once.
         _KERNELS[key] = tilelang.compile(
-            build(dtype, Hq, Hk, D, S, dense, STAGES, PDL), target={"kind": "cuda", "arch": arch},
+            build(dtype, Hq, Hk, D, S, dense, STAGES), target={"kind": "cuda", "arch": arch},
             execution_backend="tvm_ffi", pass_configs=PASS_CONFIGS)
     return _KERNELS[key]
 

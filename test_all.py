@@ -985,8 +985,7 @@ def test_decode_kernel_compiles_for_sm90_at_model_shapes(dense):
     import tvm
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     with target:  # lowering without a GPU needs the target in scope
-        art = tilelang.lower(kernel_decode.build(torch.bfloat16, 32, 8, 128, 64, dense, kernel_decode.STAGES,
-                                                   kernel_decode.PDL),
+        art = tilelang.lower(kernel_decode.build(torch.bfloat16, 32, 8, 128, 64, dense, kernel_decode.STAGES),
                              target=target, enable_device_compile=True)
     assert "decode_kernel" in art.kernel_source
 
