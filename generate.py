@@ -66,10 +66,12 @@ def generate(model, cache, prompts, max_new_tokens, eos=(), temperature=0.0, top
 
     Each sequence gets all its pages at admission (prompt + max_new_tokens, capped at
     max_position_embeddings), so the page table is static while it decodes: the step itself
-    never waits on the host, and it replays as a CUDA graph when graphs=True."""
-    limit = [min(max_new_tokens, model.config.max_position_embeddings - len(p)) for p in prompts]
+    never waits on the host, and it replays as a CUDA graph when graphs=True. The step for a
+    token is queued before the host reads that token, so the GPU decodes while the host checks
+    for EOS and streams text; a sequence that has just ended wastes that one step."""
+    limit = [max(1, min(max_new_tokens, model.config.max_position_embeddings - len(p))) for p in prompts]
     for i, p in enumerate(prompts):
-        cache.allocate(i, len(p) + limit[i])
+        cache.allocate(i, len(p) + limit[i])                           # the last new token is fed too
     logits = torch.stack([model.prefill(ids, i, cache, select) for i, ids in enumerate(prompts)])
     generator = torch.Generator().manual_seed(seed)
     live = list(range(len(prompts)))
@@ -78,10 +80,19 @@ def generate(model, cache, prompts, max_new_tokens, eos=(), temperature=0.0, top
     step = GraphRunner(model, cache, select, len(live), table.shape[1]) if graphs else \
         lambda tok, tab, lens: model.decode(tok, tab, lens, cache, select)
     out = [[] for _ in prompts]
+    tokens = sample(logits, temperature, top_p, generator)            # [B] on the device
     while live:
-        tokens = sample(logits, temperature, top_p, generator)        # [B] on the device
+        landed = torch.cuda.Event() if tokens.is_cuda else None
+        host = tokens.to("cpu", non_blocking=True)                     # on cuda: a copy that lands before the step
+        if landed is not None:
+            landed.record()
+        nb = -(-max(len(prompts[i]) + len(out[i]) + 1 for i in live) // cache.page_size)  # the blocks in use
+        logits = step(tokens, table[:, :nb].contiguous(), lengths)
+        lengths = lengths + 1
+        if landed is not None:
+            landed.synchronize()                                       # the copy, not the step
         keep = []
-        for row, (i, t) in enumerate(zip(live, tokens.tolist())):
+        for row, (i, t) in enumerate(zip(live, host.tolist())):
             out[i].append(t)
             if on_token:
                 on_token(i, t)
@@ -91,11 +102,9 @@ def generate(model, cache, prompts, max_new_tokens, eos=(), temperature=0.0, top
                 keep.append(row)
         if len(keep) < len(live):                                      # the batch shrinks
             rows = torch.tensor(keep, dtype=torch.long, device=table.device)
-            live, table, lengths, tokens = [live[r] for r in keep], table[rows], lengths[rows], tokens[rows]
-        if live:                                                       # only the blocks in use so far
-            nb = -(-max(len(prompts[i]) + len(out[i]) for i in live) // cache.page_size)
-            logits = step(tokens, table[:, :nb].contiguous(), lengths)
-            lengths = lengths + 1
+            live, table, lengths, logits = [live[r] for r in keep], table[rows], lengths[rows], logits[rows]
+        if live:
+            tokens = sample(logits, temperature, top_p, generator)
     return out
 
 
@@ -399,14 +408,16 @@ def main(argv=None):
         if args.attn == "seer" and not args.gate:
             raise ValueError("--attn seer needs gates: give --gate DIR")
         texts = [chat_prompt(t, not args.no_think) if args.chat else t for t in prompts]
-        printed = [""]
+        seen, start = [], [0, 0]        # tokens so far; where the window decoded last starts and ends
 
-        def on_token(i, t, seen=[]):
+        def on_token(i, t):             # stream text, decoding a short window (vLLM's incremental detokenize)
             seen.append(t)
-            text = tok.decode(seen)
-            sys.stdout.write(text[len(printed[0]):])
-            sys.stdout.flush()
-            printed[0] = text
+            shown = tok.decode(seen[start[0]:start[1]])
+            text = tok.decode(seen[start[0]:])
+            if len(text) > len(shown) and not text.endswith("\ufffd"):   # not half a UTF-8 character
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                start[:] = [start[1], len(seen)]
 
         stream = len(texts) == 1
         ids, out, sparsity, dt = run(net, tok, eos, texts, args, args.attn, args.budget, args.block_size,

@@ -112,6 +112,13 @@ def test_paged_greedy_matches_transformers_ragged_batch(tmp_path, dev, monkeypat
     got = gen.generate(ours, cache, prompts, n_new, eos={eos}, graphs=dev == "cuda")
     assert got == [r[:r.index(eos) + 1] if eos in r else r for r in refs] and len({len(g) for g in got}) > 1
     assert len(cache.free) == 64 and not cache.pages
+    # prompts that reach max_position_embeddings (1024) stop there: 2 new tokens and 1
+    long = [torch.randint(0, 127, (n,)).tolist() for n in (1022, 1024)]
+    cache = M.PagedKVCache(ours.config, num_pages=129, page_size=16, device=dev)
+    got = gen.generate(ours, cache, long, n_new, graphs=dev == "cuda")
+    assert [len(g) for g in got] == [2, 1] and len(cache.free) == 129
+    assert got == [hf.generate(torch.tensor([p]), max_new_tokens=len(g), do_sample=False)[0, len(p):].tolist()
+                   for p, g in zip(long, got)]
 
 
 def test_sampling_draws_from_the_tempered_nucleus():
