@@ -224,7 +224,8 @@ def score(task, record, text):
 
 
 def run(net, tok, eos, texts, args, attn, budget, block, gate_dirs, graphs, on_token=None):
-    """Decode a batch of texts with one selector -> (generated ids, sparsity, seconds)."""
+    """Decode a batch of texts with one selector -> (prompt ids, generated ids, sparsity, seconds in all,
+    seconds to the first new tokens: prefill, and on cuda graph capture and any kernel compile)."""
     if attn == "seer":
         GT.load_gates(net, pick_gate(gate_dirs, block))
     ids = [tok.encode(t).ids for t in texts]
@@ -237,12 +238,18 @@ def run(net, tok, eos, texts, args, attn, budget, block, gate_dirs, graphs, on_t
         num_pages = pages_in_memory(net.config, args.kv_memory_fraction, block, dtype)
     cache = M.PagedKVCache(net.config, num_pages, block, args.device, dtype)
     select = GT.Selector(attn, net, cache, budget, args.threshold if attn == "seer" else None)
-    t0 = time.perf_counter()
+    t0, first = time.perf_counter(), None
+
+    def tick(i, t):                                  # notes when the first new tokens are read
+        nonlocal first
+        first = first or time.perf_counter() - t0
+        if on_token:
+            on_token(i, t)
     out = generate(net, cache, ids, args.max_new_tokens, eos, args.temperature, args.top_p, args.seed,
-                   select, on_token, graphs)
+                   select, tick, graphs)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    return ids, out, select.sparsity(), time.perf_counter() - t0
+    return ids, out, select.sparsity(), time.perf_counter() - t0, first
 
 
 def evaluate(net, tok, eos, args, gate_dirs, graphs):
@@ -284,7 +291,7 @@ def evaluate(net, tok, eos, args, gate_dirs, graphs):
                     continue
                 with tqdm(desc=f"{attn} block {block} budget {budget}", unit=" tok", leave=False,
                           dynamic_ncols=True) as bar:                  # tokens generated so far
-                    _, out, sparsity, dt = run(net, tok, eos, texts, args, attn, budget, block, gate_dirs,
+                    _, out, sparsity, dt, _ = run(net, tok, eos, texts, args, attn, budget, block, gate_dirs,
                                                graphs, on_token=lambda i, t: bar.update())
                 scores = [score(args.task, r, tok.decode(o)) for r, o in zip(records, out)]
                 steps = sum(s[2] for s in scores)
@@ -420,7 +427,7 @@ def main(argv=None):
                 start[:] = [start[1], len(seen)]
 
         stream = len(texts) == 1
-        ids, out, sparsity, dt = run(net, tok, eos, texts, args, args.attn, args.budget, args.block_size,
+        ids, out, sparsity, dt, first = run(net, tok, eos, texts, args, args.attn, args.budget, args.block_size,
                                      args.gate, graphs, on_token if stream else None)
     except (OSError, ValueError, M.CacheFull) as e:   # OSError: a file missing or unreadable
         raise SystemExit(f"error: {e}")
@@ -435,8 +442,9 @@ def main(argv=None):
     n_gen = sum(len(o) for o in out)
     how = "" if args.attn == "dense" else f" block {args.block_size}"
     how += f" budget {args.budget}" if args.budget else (f" threshold {args.threshold}" if args.threshold else "")
-    print(f"[prompt tokens {sum(map(len, ids))} | generated tokens {n_gen} | {n_gen / dt:.1f} tokens/s | "
-          f"attn {args.attn}{how} | sparsity {sparsity:.1%}]")
+    rate = f"{(n_gen - len(out)) / (dt - first):.1f}" if n_gen > len(out) else "-"   # after the first tokens
+    print(f"[prompt tokens {sum(map(len, ids))} | first tokens after {first:.1f} s | generated tokens {n_gen} | "
+          f"decode {rate} tokens/s | attn {args.attn}{how} | sparsity {sparsity:.1%}]")
 
 
 if __name__ == "__main__":

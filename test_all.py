@@ -283,7 +283,8 @@ def test_generate_cli_streams_and_reports(tmp_path):
                         "--max-new-tokens", "12", "--block-size", "4", "--dtype", "float32"], cwd=HERE,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "prompt tokens 3 | generated tokens 12 |" in r.stdout and "tokens/s" in r.stdout
+    assert re.search(r"prompt tokens 3 \| first tokens after [\d.]+ s \| generated tokens 12 \| decode [\d.]+ tokens/s",
+                     r.stdout), r.stdout
     # the streamed text is transformers' greedy continuation of the same folder
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
@@ -1566,7 +1567,8 @@ def test_default_generate_runs_end_to_end_on_the_shipped_model():
     out = r.stdout
     assert "[tiny task, problem seed 3]" in out
     assert re.search(r"\[answer (correct|WRONG) \(expected \d\) \| steps correct \d+/120\]", out)
-    m = re.search(r"generated tokens (\d+) \| [\d.]+ tokens/s \| attn seer block 16 budget 512 \| sparsity ([\d.]+)%", out)
+    m = re.search(r"generated tokens (\d+) \| decode [\d.]+ tokens/s \| attn seer block 16 budget 512 "
+                  r"\| sparsity ([\d.]+)%", out)
     assert m and int(m.group(1)) == 120 and float(m.group(2)) > 50   # a 1.6K-token prompt, 512 tokens read per step
 
 
