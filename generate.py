@@ -49,15 +49,16 @@ def chat_prompt(text, think=True):
 
 
 def sample(logits, temperature, top_p, generator):
-    """logits [B, V] -> token ids [B]. temperature 0 is greedy."""
+    """logits [B, V] -> token ids [B]. temperature 0 is greedy. Drawn on the logits' device (the
+    generator's too), with no host sync: a draw from weights p is argmax(p / e), e ~ Exp(1) i.i.d."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = (logits.float() / temperature).softmax(-1)
     sorted_p, order = probs.sort(-1, descending=True)
     drop = sorted_p.cumsum(-1) - sorted_p > top_p              # keep the smallest set with mass >= top_p
     sorted_p = sorted_p.masked_fill(drop, 0.0)
-    choice = torch.multinomial(sorted_p.cpu(), 1, generator=generator).to(logits.device)
-    return order.gather(-1, choice)[:, 0]
+    e = torch.rand(sorted_p.shape, generator=generator, device=sorted_p.device).log_().neg_().clamp_min_(1e-10)
+    return order.gather(-1, (sorted_p / e).argmax(-1, keepdim=True))[:, 0]
 
 
 def generate(model, cache, prompts, max_new_tokens, eos=(), temperature=0.0, top_p=1.0, seed=0,
@@ -73,9 +74,9 @@ def generate(model, cache, prompts, max_new_tokens, eos=(), temperature=0.0, top
     for i, p in enumerate(prompts):
         cache.allocate(i, len(p) + limit[i])                           # the last new token is fed too
     logits = torch.stack([model.prefill(ids, i, cache, select) for i, ids in enumerate(prompts)])
-    generator = torch.Generator().manual_seed(seed)
     live = list(range(len(prompts)))
     table = cache.block_table(live)                                    # [B, NB]
+    generator = torch.Generator(table.device).manual_seed(seed)
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=table.device)
     step = GraphRunner(model, cache, select, len(live), table.shape[1]) if graphs else \
         lambda tok, tab, lens: model.decode(tok, tab, lens, cache, select)
