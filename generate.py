@@ -57,7 +57,8 @@ def sample(logits, temperature, top_p, generator):
     sorted_p, order = probs.sort(-1, descending=True)
     drop = sorted_p.cumsum(-1) - sorted_p > top_p              # keep the smallest set with mass >= top_p
     sorted_p = sorted_p.masked_fill(drop, 0.0)
-    e = torch.rand(sorted_p.shape, generator=generator, device=sorted_p.device).log_().neg_().clamp_min_(1e-10)
+    u = torch.rand(sorted_p.shape, generator=generator, device=sorted_p.device)
+    e = u.log_().neg_().clamp_min_(1e-10)                     # Exp(1) as -log u, kept > 0 should u be 1
     return order.gather(-1, (sorted_p / e).argmax(-1, keepdim=True))[:, 0]
 
 
@@ -293,7 +294,7 @@ def evaluate(net, tok, eos, args, gate_dirs, graphs):
                 with tqdm(desc=f"{attn} block {block} budget {budget}", unit=" tok", leave=False,
                           dynamic_ncols=True) as bar:                  # tokens generated so far
                     _, out, sparsity, dt, _ = run(net, tok, eos, texts, args, attn, budget, block, gate_dirs,
-                                               graphs, on_token=lambda i, t: bar.update())
+                                                  graphs, on_token=lambda i, t: bar.update())
                 scores = [score(args.task, r, tok.decode(o)) for r, o in zip(records, out)]
                 steps = sum(s[2] for s in scores)
                 rows.append((attn, "-" if attn == "dense" else block, budget or "-",
@@ -429,7 +430,7 @@ def main(argv=None):
 
         stream = len(texts) == 1
         ids, out, sparsity, dt, first = run(net, tok, eos, texts, args, args.attn, args.budget, args.block_size,
-                                     args.gate, graphs, on_token if stream else None)
+                                            args.gate, graphs, on_token if stream else None)
     except (OSError, ValueError, M.CacheFull) as e:   # OSError: a file missing or unreadable
         raise SystemExit(f"error: {e}")
     if stream:
