@@ -53,13 +53,14 @@ def sample(logits, temperature, top_p, generator):
     generator's too), with no host sync: a draw from weights p is argmax(p / e), e ~ Exp(1) i.i.d."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = (logits.float() / temperature).softmax(-1)
-    sorted_p, order = probs.sort(-1, descending=True)
-    drop = sorted_p.cumsum(-1) - sorted_p > top_p              # keep the smallest set with mass >= top_p
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    u = torch.rand(sorted_p.shape, generator=generator, device=sorted_p.device)
+    p, order = (logits.float() / temperature).softmax(-1), None
+    if top_p < 1:                                              # only the nucleus needs the sort
+        p, order = p.sort(-1, descending=True)
+        p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0)       # keep the smallest set with mass >= top_p
+    u = torch.rand(p.shape, generator=generator, device=p.device)
     e = u.log_().neg_().clamp_min_(1e-10)                     # Exp(1) as -log u, kept > 0 should u be 1
-    return order.gather(-1, (sorted_p / e).argmax(-1, keepdim=True))[:, 0]
+    pick = (p / e).argmax(-1)
+    return pick if order is None else order.gather(-1, pick[:, None])[:, 0]
 
 
 def generate(model, cache, prompts, max_new_tokens, eos=(), temperature=0.0, top_p=1.0, seed=0,

@@ -138,6 +138,9 @@ def test_sampling_draws_from_the_tempered_nucleus(dev):
     draws = gen.sample(logits.to(dev), T, p, torch.Generator(dev).manual_seed(0))
     got = torch.bincount(draws.cpu(), minlength=6).double() / 20000
     assert keep.sum() == 3 and (got[~keep] == 0).all() and (got - want).abs().max() < 0.015, (got, want)
+    draws = gen.sample(logits.to(dev), T, 1.0, torch.Generator(dev).manual_seed(1))   # top-p 1: all six
+    got = torch.bincount(draws.cpu(), minlength=6).double() / 20000
+    assert (got - probs).abs().max() < 0.015, (got, probs)
     assert torch.equal(gen.sample(logits[:3], 0.0, p, None), torch.zeros(3, dtype=torch.long))   # 0: greedy
 
 
