@@ -125,7 +125,7 @@ def test_paged_greedy_matches_transformers_ragged_batch(tmp_path, dev, monkeypat
 def test_sampling_draws_from_the_tempered_nucleus(dev):
     """generate.sample at temperature 0.7, top-p 0.9: 20,000 draws from fixed logits against a float64
     softmax(logits / T) kept to the smallest set of tokens whose mass reaches p (three of six: with
-    two, some wrong draws have the right odds), renormalised."""
+    two, some wrong draws have the right odds), renormalised; and at top-p 1 against the whole softmax."""
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(20000, 1)
     T, p = 0.7, 0.9
     probs = (logits[0].double() / T).softmax(-1)
