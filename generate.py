@@ -50,17 +50,21 @@ def chat_prompt(text, think=True):
 
 def sample(logits, temperature, top_p, generator):
     """logits [B, V] -> token ids [B]. temperature 0 is greedy. Drawn on the logits' device (the
-    generator's too), with no host sync: a draw from weights p is argmax(p / e), e ~ Exp(1) i.i.d."""
+    generator's too), with no host sync: a draw from weights p is argmax(p / e), e ~ Exp(1) i.i.d.,
+    and for p = softmax(logits / T) that is argmax(logits - T log e), no softmax needed."""
     if temperature == 0:
         return logits.argmax(-1)
-    p, order = (logits.float() / temperature).softmax(-1), None
-    if top_p < 1:                                              # only the nucleus needs the sort
-        p, order = p.sort(-1, descending=True)
-        p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0)       # keep the smallest set with mass >= top_p
-    u = torch.rand(p.shape, generator=generator, device=p.device)
-    e = u.log_().neg_().clamp_min_(1e-10)                     # Exp(1) as -log u, kept > 0 should u be 1
-    pick = (p / e).argmax(-1)
-    return pick if order is None else order.gather(-1, pick[:, None])[:, 0]
+    e = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    e = e.exponential_(generator=generator).clamp_min_(1e-10)          # [B, V], kept > 0
+    if top_p == 1:
+        return torch.add(logits, e.log_(), alpha=-temperature).argmax(-1)
+    logits, order = logits.sort(-1, descending=True)                  # [B, V]: the nucleus is a prefix
+    p = (logits.float() / temperature).softmax(-1)
+    # keep the shortest prefix with mass >= top_p: drop a token when the mass before it in its row is over
+    # top_p. One float64 scan over all rows, each row's start subtracted (torch scans few long rows slowly)
+    before = p.view(-1).cumsum(0, dtype=torch.float64).view(p.shape) - p        # [B, V]: mass before each token
+    p.masked_fill_(before > before[:, :1] + top_p, 0.0)
+    return order.gather(-1, (p / e).argmax(-1, keepdim=True))[:, 0]
 
 
 def generate(model, cache, prompts, max_new_tokens, eos=(), temperature=0.0, top_p=1.0, seed=0,
