@@ -1185,7 +1185,7 @@ def read_gates(out):
     return load_file(os.path.join(out, "model.safetensors"))
 
 
-def same_gates(a, b):
+def assert_same_gates(a, b):
     """Bit for bit on the CPU. On CUDA up to 6e-8 apart (one H200, 2026-12-02): torch.compile
     (model.fused) builds a kernel for the first shape it meets and then a dynamic one, which rounds
     differently, so a process's first steps differ from the same steps run later (bit for bit
@@ -1194,7 +1194,6 @@ def same_gates(a, b):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=tol, msg=lambda m: f"{k}: {m}")
-    return True
 
 
 def test_resume_after_interruption_gives_identical_gates(setup, monkeypatch):
@@ -1203,7 +1202,7 @@ def test_resume_after_interruption_gives_identical_gates(setup, monkeypatch):
     TG.main(base_args(model, data, d / "cut", "--steps", "6", "--warmup", "2", "--stop-after", "3"))
     TG.main(base_args(model, data, d / "cut", "--steps", "6", "--warmup", "2", "--resume"))
     full = read_gates(d / "full")
-    assert same_gates(full, read_gates(d / "cut"))
+    assert_same_gates(full, read_gates(d / "cut"))
     # SIGTERM mid-run: the step in flight is dropped, the last whole step saved, --resume finishes it
     real = TG.lr_at
     monkeypatch.setattr(TG, "lr_at", lambda s, a: (os.kill(os.getpid(), signal.SIGTERM) if s == 4 else None,
@@ -1213,7 +1212,7 @@ def test_resume_after_interruption_gives_identical_gates(setup, monkeypatch):
     monkeypatch.setattr(TG, "lr_at", real)
     assert torch.load(d / "sig" / "train_state.pt", weights_only=False)["step"] == 4
     TG.main(base_args(model, data, d / "sig", "--steps", "6", "--warmup", "2", "--resume"))
-    assert same_gates(full, read_gates(d / "sig"))
+    assert_same_gates(full, read_gates(d / "sig"))
     # a different gate or data setup is refused, saying what differs
     with pytest.raises(SystemExit, match="--gate-hidden 16 there vs 8 now"):
         TG.main(base_args(model, data, d / "full", "--steps", "8", "--resume", "--gate-hidden", "8"))

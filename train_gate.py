@@ -15,8 +15,8 @@ exist. Loss: KL(T || softmax(gate)) over the last (1 - --loss-from) of each sequ
 layers, times --loss-scale. Only gate parameters train (float32, AdamW); data-parallel ranks
 all-reduce their gradients. Checkpoints (gate folder + train_state.pt) are written atomically;
 --resume continues where a run stopped (bit for bit on CPU; on CUDA within ~1e-7, since
-torch.compile's first-shape and dynamic kernels round differently), Ctrl-C / SIGTERM save first. Not here: FSDP
-(the gates are small, every rank holds them all) and sequence parallelism.
+torch.compile's first-shape and dynamic kernels round differently), Ctrl-C / SIGTERM save
+first. Not here: FSDP (the gates are small, every rank holds them all) and sequence parallelism.
 Shapes: T tokens, Hq/Hk query/KV heads, G = Hq // Hk, D head_dim, S block, NB = T // S complete
 blocks, C queries in a chunk.
 """
