@@ -72,12 +72,17 @@ def fused(fn):
     """fn through torch.compile when its first argument is a CUDA tensor, plain PyTorch elsewhere.
     A decode step at small batch is a chain of tiny elementwise ops, each its own kernel
     (~2 µs even inside a CUDA graph); compiled, each function below is one kernel (nano-vllm
-    does the same). Compiled for dynamic shapes, once per process."""
-    compiled = torch.compile(fn, dynamic=True)
+    does the same). Compiled for dynamic shapes, once per process, at the first CUDA call: made
+    at import, torch.compile would import its compiler (~2 s) for every --help and CPU run."""
+    compiled = None
 
     @functools.wraps(fn)
     def run(*args):
-        return compiled(*args) if args[0].is_cuda else fn(*args)
+        nonlocal compiled
+        if not args[0].is_cuda:
+            return fn(*args)
+        compiled = compiled or torch.compile(fn, dynamic=True)
+        return compiled(*args)
     return run
 
 
