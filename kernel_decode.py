@@ -109,13 +109,16 @@ def build(dtype, Hq, Hk, D, S, dense, stages):
                 for i, d in T.Parallel(ROWS, D):  # (no register layout is found for 2 warps)
                     q_r[i, d] = q_row(Q, b, h, i, d)
             # This program's share of the list, resolved to pages up front by all threads at
-            # once, so the copy loop below waits on no index loads. -1 = skip.
-            for i in T.Parallel(CHUNK):  # (no Python temporaries here: a let of a thread-dependent
-                # value at kernel level defeats TileLang's barrier planning for the loop below)
-                ids[i] = T.if_then_else((share(blocks, b, h, start, count, i) >= 0)
-                                        & (share(blocks, b, h, start, count, i) < n_blk),
-                                        share(blocks, b, h, start, count, i), -1)
-                pages[i] = T.if_then_else(ids[i] >= 0, T.max(T.min(table[b, T.max(ids[i], 0)], P - 1), 0), 0)
+            # once, so the copy loop below waits on no index loads. -1 = skip. (No Python
+            # temporaries here: a let of a thread-dependent value at kernel level defeats
+            # TileLang's barrier planning for the loop below. One loop whose expressions
+            # repeated share() three times took TileLang's simplifier ~20 s more to compile.)
+            for i in T.Parallel(CHUNK):
+                ids[i] = share(blocks, b, h, start, count, i)
+            for i in T.Parallel(CHUNK):  # ids outside the sequence's blocks (padding -1 too): skip
+                pages[i] = T.if_then_else((ids[i] >= 0) & (ids[i] < n_blk),
+                                          T.max(T.min(table[b, T.max(ids[i], 0)], P - 1), 0), 0)
+                ids[i] = T.if_then_else((ids[i] >= 0) & (ids[i] < n_blk), ids[i], -1)
             T.sync_threads()
             for i, d in T.Parallel(ROWS, D):
                 q_s[i, d] = q_r[i, d] if threads == 128 else q_row(Q, b, h, i, d)
