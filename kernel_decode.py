@@ -116,9 +116,8 @@ def build(dtype, Hq, Hk, D, S, dense, stages):
             for i in T.Parallel(CHUNK):
                 ids[i] = share(blocks, b, h, start, count, i)
             for i in T.Parallel(CHUNK):  # ids outside the sequence's blocks (padding -1 too): skip
-                pages[i] = T.if_then_else((ids[i] >= 0) & (ids[i] < n_blk),
-                                          T.max(T.min(table[b, T.max(ids[i], 0)], P - 1), 0), 0)
                 ids[i] = T.if_then_else((ids[i] >= 0) & (ids[i] < n_blk), ids[i], -1)
+                pages[i] = T.if_then_else(ids[i] >= 0, T.max(T.min(table[b, ids[i]], P - 1), 0), 0)
             T.sync_threads()
             for i, d in T.Parallel(ROWS, D):
                 q_s[i, d] = q_r[i, d] if threads == 128 else q_row(Q, b, h, i, d)
