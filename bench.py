@@ -322,7 +322,7 @@ def bench_e2e(args):
                     ms, sp, prof = bench_ours(net, B, ctx, attn, budget, args.steps, profile=args.profile)
                     dense = dense or ms
                     floor = step_bytes(net, B, ctx + args.steps // 2, sp, 64, attn == "seer") / copy_gbs / 1e6
-                    hf_ours[(shape, B, ctx)] = dense
+                    hf_ours.setdefault((shape, B, ctx), []).append((f"{attn} {budget}" if budget else attn, ms))
                     print(f"{shape:>9} {B:>9} {ctx:>9} {attn:>9} {budget or '-':>9} {ms:>9.2f} {B * 1e3 / ms:>9.0f} "
                           f"{sp:>9.3f} {floor:>9.2f} {ms / floor:>9.2f} {dense / ms:>9.2f}", flush=True)
                     for line in prof:
@@ -334,7 +334,8 @@ def bench_e2e(args):
         B, ctx = int(B), int(ctx)
         ms, impl = bench_hf(shape, B, ctx, args.hf_steps)
         ours = hf_ours.get((shape, B, ctx))
-        ratio = f"ours dense is {ms / ours:.1f}x faster" if ours else "ours not measured here"
+        ratio = ("speedup of ours: " + ", ".join(f"{name} {ms / t:.1f}x" for name, t in ours) if ours
+                 else "ours not measured here")
         print(f"# transformers {shape} batch {B} context {ctx}: {ms:.1f} ms/step ({impl} cache, sdpa); {ratio}",
               flush=True)
 
@@ -363,8 +364,9 @@ def main():
     e.add_argument("--steps", type=int, default=256, help="decode steps timed")
     e.add_argument("--kernel", default="tilelang", choices=["tilelang", "torch"],
                    help="decode attention: the TileLang kernel or the PyTorch reference")
-    e.add_argument("--hf", nargs="*", default=["qwen3-8b:8:8192", "qwen3-8b:1:32768"],
-                   help="transformers baselines as shape:batch:context; --hf with none given skips them")
+    e.add_argument("--hf", nargs="+", default=["qwen3-8b:8:8192", "qwen3-8b:1:32768", "qwen3-8b:8:32768"],
+                   help="transformers baselines as shape:batch:context, timed after our rows (each takes minutes)")
+    e.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     e.add_argument("--hf-steps", type=int, default=32, help="decode steps timed for transformers")
     e.add_argument("--profile", action="store_true",
                    help="after each row, the kernels of one eager decode step without PDL (torch.profiler): "
@@ -373,6 +375,8 @@ def main():
                         "GEMMs / attention / seer's kernels / the rest, and the 16 kernels that take the most "
                         "(every per-layer kernel at Qwen3 shapes)")
     args = parser.parse_args()
+    if args.cmd == "e2e" and args.no_hf:
+        args.hf = []
     for spec in args.hf if args.cmd == "e2e" else []:
         shape, *rest = spec.split(":")
         if shape not in SHAPES or len(rest) != 2 or not all(x.isdigit() for x in rest):
