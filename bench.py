@@ -350,7 +350,7 @@ def main():
                    help="context lengths in tokens (multiples of the block size)")
     k.add_argument("--sparsity", type=float, nargs="+", default=[0, 0.5, 0.8, 0.9, 0.95],
                    help="fraction of blocks not read (the block of the new token is always read)")
-    k.add_argument("--block", type=int, nargs="+", default=[64, 128], help="page/block sizes")
+    k.add_argument("--block", type=int, nargs="+", default=[64, 128], help="page/block sizes: 16, 32, 64 or 128")
     k.add_argument("--splits", type=int, default=None, help="force the number of KV splits")
     k.add_argument("--plot", nargs="?", const="bench_kernel.png", default=None,
                    help="write a PNG of speedup vs sparsity (default bench_kernel.png)")
@@ -375,11 +375,29 @@ def main():
                         "GEMMs / attention / seer's kernels / the rest, and the 16 kernels that take the most "
                         "(every per-layer kernel at Qwen3 shapes)")
     args = parser.parse_args()
-    if args.cmd == "e2e" and args.no_hf:
-        args.hf = []
+
+    def need(ok, msg):
+        if not ok:
+            parser.error(msg)
+    if args.cmd == "kernel":
+        import kernel_decode
+        need(min(args.batch) >= 1, f"--batch: sizes >= 1, got {args.batch}")
+        need(all(S in (16, 32, 64, 128) for S in args.block), f"--block: 16, 32, 64 or 128, got {args.block}")
+        need(all(L > 0 and L % S == 0 for L in args.context for S in args.block),
+             f"--context: positive multiples of every --block size, got {args.context}")
+        need(all(0 <= x < 1 for x in args.sparsity), f"--sparsity: fractions in [0, 1), got {args.sparsity}")
+        need(args.splits is None or 1 <= args.splits <= kernel_decode.MAX_SPLITS,
+             f"--splits: 1 to {kernel_decode.MAX_SPLITS}, got {args.splits}")
+    else:
+        need(min(args.batch + args.context + [args.steps, args.hf_steps]) >= 1,
+             "--batch, --context, --steps and --hf-steps must be >= 1")
+        need(all(b >= 64 and b % 64 == 0 for b in args.budget),
+             f"--budget: positive multiples of the block size 64, got {args.budget}")
+        if args.no_hf:
+            args.hf = []
     for spec in args.hf if args.cmd == "e2e" else []:
         shape, *rest = spec.split(":")
-        if shape not in SHAPES or len(rest) != 2 or not all(x.isdigit() for x in rest):
+        if shape not in SHAPES or len(rest) != 2 or not all(x.isdigit() and int(x) > 0 for x in rest):
             parser.error(f"--hf {spec}: want shape:batch:context with a shape of {', '.join(SHAPES)}")
     if not torch.cuda.is_available():
         parser.error("bench.py times GPU decode: it needs a CUDA GPU")

@@ -251,6 +251,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
              ("generate.py", "--block-size", "0", "--block-size must be"),
              ("generate.py", "--eval-budgets", "64,x", "integers, comma-separated"),
              ("generate.py", "--device", "tpu", "--device tpu"), ("bench.py e2e", "--hf", "qwen3-8b:8", "--hf qwen3-8b:8"),
+             ("bench.py e2e", "--budget", "100", "--budget: positive multiples"),
+             ("bench.py kernel", "--sparsity", "1", r"--sparsity: fractions in \[0, 1\)"),
              ("generate.py", "--eval", str(tmp_path), "is a directory"),   # files: a pipe or device reads as one
              ("generate.py", "--prompts-file", "/dev/null", "holds no prompt"), ("generate.py", "--eval", "/dev/null",
                                                                                  "no records")]
