@@ -386,8 +386,12 @@ def main():
         need(all(L > 0 and L % S == 0 for L in args.context for S in args.block),
              f"--context: positive multiples of every --block size, got {args.context}")
         need(all(0 <= x < 1 for x in args.sparsity), f"--sparsity: fractions in [0, 1), got {args.sparsity}")
-        need(args.splits is None or 1 <= args.splits <= kernel_decode.MAX_SPLITS,
-             f"--splits: 1 to {kernel_decode.MAX_SPLITS}, got {args.splits}")
+        least = max(math.ceil(L // S / kernel_decode.CHUNK) for L in args.context for S in args.block)
+        need(least <= kernel_decode.MAX_SPLITS, f"--context: at most {kernel_decode.MAX_SPLITS * kernel_decode.CHUNK} "
+             f"blocks a sequence, got {max(args.context)} tokens in blocks of {min(args.block)}")
+        need(args.splits is None or least <= args.splits <= kernel_decode.MAX_SPLITS,
+             f"--splits: {least} to {kernel_decode.MAX_SPLITS} here (a program walks at most "
+             f"{kernel_decode.CHUNK} pages), got {args.splits}")
     else:
         need(min(args.batch + args.context + [args.steps, args.hf_steps]) >= 1,
              "--batch, --context, --steps and --hf-steps must be >= 1")
