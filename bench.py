@@ -305,7 +305,7 @@ def bench_e2e(args):
     cols = ["shape", "batch", "context", "attn", "budget", "ms/step", "tok/s", "sparsity", "floor ms",
             "×floor", "×dense"]
     print(" ".join(f"{c:>9}" for c in cols))
-    hf_ours = {}
+    ours = {}   # (shape, batch, context) -> [(row name, ms per step)], for the transformers lines
     for shape in args.shape:
         net = random_model(shape)
         GT.attach_gates(net, block_size=64)
@@ -322,7 +322,7 @@ def bench_e2e(args):
                     ms, sp, prof = bench_ours(net, B, ctx, attn, budget, args.steps, profile=args.profile)
                     dense = dense or ms
                     floor = step_bytes(net, B, ctx + args.steps // 2, sp, 64, attn == "seer") / copy_gbs / 1e6
-                    hf_ours.setdefault((shape, B, ctx), []).append((f"{attn} {budget}" if budget else attn, ms))
+                    ours.setdefault((shape, B, ctx), []).append((f"{attn} {budget}" if budget else attn, ms))
                     print(f"{shape:>9} {B:>9} {ctx:>9} {attn:>9} {budget or '-':>9} {ms:>9.2f} {B * 1e3 / ms:>9.0f} "
                           f"{sp:>9.3f} {floor:>9.2f} {ms / floor:>9.2f} {dense / ms:>9.2f}", flush=True)
                     for line in prof:
@@ -333,8 +333,8 @@ def bench_e2e(args):
         shape, B, ctx = spec.split(":")
         B, ctx = int(B), int(ctx)
         ms, impl = bench_hf(shape, B, ctx, args.hf_steps)
-        ours = hf_ours.get((shape, B, ctx))
-        ratio = ("speedup of ours: " + ", ".join(f"{name} {ms / t:.1f}x" for name, t in ours) if ours
+        rows = ours.get((shape, B, ctx))
+        ratio = ("speedup of ours: " + ", ".join(f"{name} {ms / t:.1f}x" for name, t in rows) if rows
                  else "ours not measured here")
         print(f"# transformers {shape} batch {B} context {ctx}: {ms:.1f} ms/step ({impl} cache, sdpa); {ratio}",
               flush=True)
@@ -382,7 +382,9 @@ def main():
     if args.cmd == "kernel":
         import kernel_decode
         need(min(args.batch) >= 1, f"--batch: sizes >= 1, got {args.batch}")
-        need(all(S in (16, 32, 64, 128) for S in args.block), f"--block: 16, 32, 64 or 128, got {args.block}")
+        for S in args.block:   # the kernel's own limits
+            why = kernel_decode.unsupported(torch.bfloat16, D, S, HQ // HK)
+            need(why is None, f"--block {S}: {why}")
         need(all(L > 0 and L % S == 0 for L in args.context for S in args.block),
              f"--context: positive multiples of every --block size, got {args.context}")
         need(all(0 <= x < 1 for x in args.sparsity), f"--sparsity: fractions in [0, 1), got {args.sparsity}")

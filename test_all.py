@@ -630,7 +630,7 @@ def test_seer_pick_kernel_matches_float64_topk_and_threshold(dg, S, NB, G):
     x = torch.randn(B, Hk, 8, device=dev).bfloat16()
     stats = [torch.zeros(P, Hk, 8, device=dev, dtype=dt) for dt in (torch.bfloat16, torch.bfloat16, torch.float32)]
     # the norm and RoPE do not depend on the row's length: on the CPU not at 1,500 blocks, whose ten calls took 138 s
-    # of CI in Triton's interpreter (~1,100 scoring programs a call)
+    # in Triton's interpreter on 2 cores (~1,100 scoring programs a call)
     for norm in (False, True) if NB <= 512 or dev == "cuda" else (False,):
         gate = GT.AttnGate(Hk, G, 8, dg, S, norm, theta).to(dev, torch.bfloat16)
         if norm:
