@@ -388,9 +388,10 @@ def main():
         need(all(L > 0 and L % S == 0 for L in args.context for S in args.block),
              f"--context: positive multiples of every --block size, got {args.context}")
         need(all(0 <= x < 1 for x in args.sparsity), f"--sparsity: fractions in [0, 1), got {args.sparsity}")
-        least = max(math.ceil(L // S / kernel_decode.CHUNK) for L in args.context for S in args.block)
-        need(least <= kernel_decode.MAX_SPLITS, f"--context: at most {kernel_decode.MAX_SPLITS * kernel_decode.CHUNK} "
-             f"blocks a sequence, got {max(args.context)} tokens in blocks of {min(args.block)}")
+        try:   # the longest list: a dense call at the longest context and smallest block
+            least = kernel_decode.least_splits(max(args.context) // min(args.block))
+        except ValueError as e:
+            parser.error(f"--context {max(args.context)} in blocks of {min(args.block)}: {e}")
         need(args.splits is None or least <= args.splits <= kernel_decode.MAX_SPLITS,
              f"--splits: {least} to {kernel_decode.MAX_SPLITS} here (a program walks at most "
              f"{kernel_decode.CHUNK} pages), got {args.splits}")

@@ -234,6 +234,15 @@ def get_kernel(dtype, Hq, Hk, D, S, dense, arch="sm_90"):
     return _KERNELS[key]
 
 
+def least_splits(items):
+    """The fewest splits of a list of `items` entries (a program walks at most CHUNK of them);
+    ValueError if that is more than MAX_SPLITS. Splits may be least_splits(items) .. MAX_SPLITS."""
+    least = math.ceil(items / CHUNK)
+    if least > MAX_SPLITS:
+        raise ValueError(f"at most {MAX_SPLITS * CHUNK} blocks per sequence, got {items}.")
+    return least
+
+
 def num_splits(batch, Hk, items, num_sm):
     """Splits per (sequence, KV head) list of `items` entries: the fewest that fill the SMs in
     whole waves (>= 85% of the best wave efficiency), >= MIN_PAGES entries per program, and
@@ -242,9 +251,7 @@ def num_splits(batch, Hk, items, num_sm):
     most = max(1, min(MAX_SPLITS, math.ceil(items / MIN_PAGES)))
     eff = [programs * n / slots / math.ceil(programs * n / slots) for n in range(1, most + 1)]
     ns = 1 + next(i for i, e in enumerate(eff) if e >= 0.85 * max(eff))
-    if math.ceil(items / CHUNK) > MAX_SPLITS:
-        raise ValueError(f"at most {MAX_SPLITS * CHUNK} blocks per sequence, got {items}.")
-    return max(ns, math.ceil(items / CHUNK))
+    return max(ns, least_splits(items))
 
 
 def unsupported(dtype, head_dim, page_size, group):
@@ -326,8 +333,8 @@ def decode_attention(q, k_pages, v_pages, block_table, lengths, blocks=None, sca
     kernel = get_kernel(q.dtype, Hq, Hk, D, S, blocks is None, arch)
     items = block_table.shape[1] if blocks is None else blocks.shape[2]
     ns = splits or num_splits(B, Hk, items, props.multi_processor_count)
-    if not math.ceil(items / CHUNK) <= ns <= MAX_SPLITS:
-        raise ValueError(f"splits must be in [{math.ceil(items / CHUNK)}, {MAX_SPLITS}], got {ns}.")
+    if not least_splits(items) <= ns <= MAX_SPLITS:
+        raise ValueError(f"splits must be in [{least_splits(items)}, {MAX_SPLITS}], got {ns}.")
     lse_part = torch.empty(B, Hq, ns, device=q.device, dtype=torch.float32)
     o_part = torch.empty(B, Hq, ns, D, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)

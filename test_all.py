@@ -253,6 +253,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
              ("generate.py", "--device", "tpu", "--device tpu"), ("bench.py e2e", "--hf", "qwen3-8b:8", "--hf qwen3-8b:8"),
              ("bench.py e2e", "--budget", "100", "--budget: positive multiples"),
              ("bench.py kernel", "--sparsity", "1", r"--sparsity: fractions in \[0, 1\)"),
+             ("bench.py kernel", "--splits", "33", r"--splits: \d+ to 32 here"),
+             ("bench.py kernel", "--context", "1048576", "at most 8192 blocks per sequence"),
              ("generate.py", "--eval", str(tmp_path), "is a directory"),   # files: a pipe or device reads as one
              ("generate.py", "--prompts-file", "/dev/null", "holds no prompt"), ("generate.py", "--eval", "/dev/null",
                                                                                  "no records")]
