@@ -194,16 +194,16 @@ def kernel_profile(fn, layers, step_ms, top=16):
     wait, so their times overlap) -> lines: kernels per layer, their total time against step_ms
     (a replayed step with PDL: the difference is launch gaps less PDL's overlap), that time
     split by PARTS, and the kernels that take the most."""
-    import model as M
+    import kernel_step
     from torch.profiler import ProfilerActivity, profile
-    M.PDL = False
+    kernel_step.PDL = False
     try:
         fn()                                                 # compiles the kernels' non-PDL variants
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()
     finally:
-        M.PDL = True
+        kernel_step.PDL = True
     per = {}  # kernel name -> (launches, µs)
     for e in prof.events():
         if e.device_type.name == "CUDA":

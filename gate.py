@@ -12,6 +12,8 @@ so a published gate folder loads unchanged.
 Selector (SPEC §3-4) keeps the pooled keys beside the KV pages and, at every decode step,
 returns per (sequence, KV head) the logical block ids to read, padded with -1 — what the
 decode kernel takes. The block holding the new token is always kept, on top of the budget.
+On CUDA seer's step is two Triton kernels (kernel_step.seer_pick); seer_pool_step, seer_scores
+and pick_blocks here are what they replace, and what CPUs run.
 """
 import functools
 import glob
@@ -22,16 +24,8 @@ import os
 import torch
 import torch.nn as nn
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs pick blocks with PyTorch (pick_blocks)
-    triton = None
-
-from model import RMSNorm, cos_sin, fused, rms_norm, pdl_launch, rope_inv_freq, rotate, write_folder
-
-if triton is not None:
-    from model import wait_and_release
+import kernel_step
+from model import RMSNorm, cos_sin, fused, rms_norm, rope_inv_freq, rotate, write_folder
 
 SELECTORS = ("dense", "seer", "quest", "oracle", "window")
 GATE_EPS = 1e-6   # the gate's q/k RMSNorm epsilon
@@ -272,8 +266,10 @@ class Selector:
             gate = self.model.layers[layer].self_attn.attn_gate
             stats = [cache.pooled[n][layer] for n in ("kmax", "kmin", "ksum", "gate_k")]
             if shares is not None:   # two kernels: scores; picks + pooled keys
-                return seer_pick(shares, k, step.positions, step.pages, gate, *stats, step.block_table, step.lengths,
-                                 S, k_top, self.threshold or 0.0, self.read, self.total)
+                return kernel_step.seer_pick(shares, k, step.positions, step.pages, gate,
+                                             inv_freq(gate.dg, gate.rope_theta, k.device), *stats,
+                                             step.block_table, step.lengths, S, k_top, self.threshold or 0.0,
+                                             self.read, self.total)
             seer_pool_step(k, step.positions, step.pages, cache.scratch, *stats, gate.attngate_linear_k.weight,
                            gate.knorm_weight, S, gate.rope_theta)
             score = seer_scores(q, step.positions, gate.attngate_linear_q.weight, gate.qnorm_weight,
@@ -378,202 +374,13 @@ def block_attention(qr, k_pages, block_table, lengths):
 
 
 def use_triton(x, gate):
-    """The Triton kernels below serve CUDA tensors with power-of-two head and gate widths."""
-    return triton is not None and x.is_cuda and all(n & (n - 1) == 0 for n in (gate.d, gate.dg))
-
-
-# ---- seer's decode step in two kernels (CUDA) ----
-# Compiled, seer_pool_step + seer_scores + pick_blocks are ~20 kernels per layer (the gate
-# query's einsum, norm and RoPE; the running stats' gathers and writes, the gate-key GEMM; the
-# gather-and-dot, a masked fill, torch.topk's two passes and sort, the id and token-count
-# writes). Here the layer's q/k kernel (model.qk_norm_rope) has already written each query
-# head's share of its group's gate query, q[b, j] @ Wq[j] in float32. The scoring is spread
-# wide: one program per SCORE_BLK blocks of a (sequence, KV head) row sums the group's shares,
-# norms and turns them (the row's gate query), gathers the blocks' gate keys through the page
-# table and dots them with it. The picking is one small program per row: it keeps the row's
-# scores in registers, finds the k-th largest by a bitwise search (32 counts over the row),
-# writes the chosen ids in block order and the new token's block, and adds the tokens read to
-# the counters. The search is 32 dependent reductions: cheap within a few warps, dear across
-# the 16 that the scoring wants, which is why the two are apart. The same program folds the
-# row's new key into its page's max / min / sum and, when the key fills the page, makes the
-# page's gate key as AttnGate.key does (rounding where PyTorch rounds). That page holds the
-# new token, so no score of this step reads its key.
-# Qwen3-8B, batch 8 x 32K, seer 4,096, H200 (2026-11-30), per layer: with the shares and the
-# pooling in a kernel of their own (`seer_step`, 4.1 µs) the decode step ran 6.20 ms; without
-# it (6156b1d) the q/k kernel took 2.6 -> 4.2 µs, the pick 8.1 -> 9.0, the scores 6.2 as
-# before, the step 6.13. Reads moved ahead of the PDL wait (836daf8): q/k 3.8, pick 8.4, 6.12.
-
-SCORE_BLK = 32    # blocks per scoring program (16 / 32 / 64 within 1 µs; H100, 2026-11-23)
-POOL_ROWS = 16    # rows of Wk[h] at a time when the pick makes a gate key
-
-if triton is not None:
-    @triton.jit
-    def _norm_rope(lo, hi, pos, norm, inv_freq, eps, e, WT: tl.constexpr, DG: tl.constexpr, HAS_NORM: tl.constexpr):
-        """Gate vectors' two halves lo, hi [R, DG / 2] (float32 sums of the projection) -> rounded to WT as
-        PyTorch's matmul rounds, RMS-normed, RoPE at pos [R]; each step rounded to WT as PyTorch rounds
-        (returned in float32)."""
-        lo, hi = lo.to(WT).to(tl.float32), hi.to(WT).to(tl.float32)
-        if HAS_NORM:
-            r = tl.rsqrt((tl.sum(lo * lo, 1) + tl.sum(hi * hi, 1)) / DG + eps)[:, None]
-            lo = ((lo * r).to(WT).to(tl.float32) * tl.load(norm + e).to(tl.float32)[None, :]).to(WT).to(tl.float32)
-            hi = ((hi * r).to(WT).to(tl.float32) * tl.load(norm + DG // 2 + e).to(tl.float32)[None, :])
-            hi = hi.to(WT).to(tl.float32)
-        angle = pos.to(tl.float32)[:, None] * tl.load(inv_freq + e)[None, :]
-        cos = tl.cos(angle).to(WT).to(tl.float32)
-        sin = tl.sin(angle).to(WT).to(tl.float32)
-        return (lo * cos - hi * sin).to(WT).to(tl.float32), (hi * cos + lo * sin).to(WT).to(tl.float32)
-
-    @triton.jit
-    def _seer_score_kernel(shares, positions, qnorm, inv_freq, eps, gate_k, table, lengths, scores, NB, P, scale,
-                           Hk: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, DG: tl.constexpr, S: tl.constexpr,
-                           BLK: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr):
-        if PDL:   # (its gate keys read before the wait made the step slower: 6.12 -> 6.20 ms, H200)
-            wait_and_release()
-        c, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        WT = qnorm.dtype.element_ty
-        j = c * BLK + tl.arange(0, BLK)
-        length = tl.load(lengths + b)
-        page = tl.load(table + b * NB + j, mask=j < NB, other=0)          # (not waiting for the length)
-        page = tl.minimum(tl.maximum(page, 0), P - 1).to(tl.int64)
-        valid = j < tl.minimum(tl.maximum(length - 1, 0) // S, NB)       # complete blocks before the new token
-        # the gate query [1, Dg / 2] x 2: the group's G shares summed, normed, RoPE at the token. Each of
-        # the row's programs makes it again (~2 KB of L2 reads and a few hundred flops): cheaper than a kernel
-        g = tl.arange(0, G_P2)[:, None]
-        e = tl.arange(0, DG // 2)
-        at = shares + ((b * Hk + h) * G + g) * DG + e[None, :]           # [G_P2, Dg / 2]
-        lo = tl.sum(tl.load(at, mask=g < G, other=0.0), 0)[None, :]
-        hi = tl.sum(tl.load(at + DG // 2, mask=g < G, other=0.0), 0)[None, :]
-        lo, hi = _norm_rope(lo, hi, tl.load(positions + b + tl.arange(0, 1)), qnorm, inv_freq, eps, e, WT, DG,
-                            HAS_NORM)
-        k = gate_k + (page[:, None] * Hk + h) * DG + e[None, :]          # [BLK, Dg / 2]
-        s = tl.sum(tl.load(k, mask=valid[:, None], other=0.0).to(tl.float32) * lo, 1)
-        s += tl.sum(tl.load(k + DG // 2, mask=valid[:, None], other=0.0).to(tl.float32) * hi, 1)
-        tl.store(scores + (b * Hk + h) * NB + j, s * scale, mask=j < NB)
-
-    @triton.jit
-    def _seer_pick_kernel(scores, lengths, out, read, total, NB, threshold, K, W, x, sx_b, sx_h, positions, page, kmax,
-                          kmin, ksum, gate_k, wk, knorm, inv_freq, eps, Hk: tl.constexpr, D: tl.constexpr,
-                          DG: tl.constexpr, S: tl.constexpr, TOP_K: tl.constexpr, NB_P2: tl.constexpr,
-                          W_P2: tl.constexpr, HAS_NORM: tl.constexpr, PR: tl.constexpr, PDL: tl.constexpr):
-        h, b = tl.program_id(0), tl.program_id(1)
-        # Before the wait (model.pdl_launch), what older kernels wrote: the step's inputs, and the running stats
-        # of the new key's page (this kernel's, at earlier steps), which the pooling below takes last
-        length = tl.load(lengths + b, cache_modifier=".cg")
-        pos = tl.load(positions + b, cache_modifier=".cg")
-        off = pos % S
-        d = tl.arange(0, D)
-        ph = tl.load(page + b, cache_modifier=".cg").to(tl.int64) * Hk + h   # head h of the new token's page
-        at = ph * D
-        old_max = tl.load(kmax + at + d, cache_modifier=".cg").to(tl.float32)
-        old_min = tl.load(kmin + at + d, cache_modifier=".cg").to(tl.float32)
-        old_sum = tl.load(ksum + at + d, cache_modifier=".cg")
-        if PDL:
-            wait_and_release()
-        xv = tl.load(x + b * sx_b + h * sx_h + d).to(tl.float32)        # the new key (the q/k kernel's)
-        cur = tl.maximum(length - 1, 0) // S                             # block of the new token
-        j = tl.arange(0, NB_P2)
-        valid = j < tl.minimum(cur, NB)                                  # complete blocks before it
-        score = tl.load(scores + (b * Hk + h) * NB + j, mask=valid, other=0.0)
-        if TOP_K:   # the K best: the K-th largest key, bit by bit from the top
-            bits = score.to(tl.int32, bitcast=True)
-            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF) ^ -2147483648).to(tl.uint32, bitcast=True)   # float order
-            key = tl.where(valid, key, 0)   # below every score's key (only -NaN's bits would map to 0)
-            kth, bit, n_top = tl.zeros([], tl.uint32), tl.full([], 31, tl.int32), tl.full([], -1, tl.int32)
-            while (bit >= 0) & (n_top != K):   # done early once exactly K keys are >= kth: the K best
-                cand = kth | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
-                n_ge = tl.sum((key >= cand).to(tl.int32), 0)
-                kth, n_top = tl.where(n_ge >= K, cand, kth), tl.where(n_ge >= K, n_ge, n_top)
-                bit -= 1
-            if n_top == K:   # exactly K keys >= kth: those, no tie to break (pick 6.3 -> 6.0 µs; step 6.01 -> 5.99 ms)
-                chosen = valid & (key >= kth)
-            else:
-                above = key > kth
-                tie_rank = tl.cumsum((key == kth).to(tl.int32), 0)               # ties: lowest ids first
-                chosen = valid & (above | ((key == kth) & (tie_rank <= K - tl.sum(above.to(tl.int32), 0))))
-            n = tl.minimum(K, tl.minimum(cur, NB))
-        else:       # every block whose softmax weight exceeds the threshold
-            e = tl.where(valid, tl.exp(score - tl.max(tl.where(valid, score, float("-inf")), 0)), 0.0)
-            chosen = valid & (e > threshold * tl.sum(e, 0))
-            n = tl.sum(chosen.to(tl.int32), 0)
-        row = out + (b * Hk + h) * W
-        tl.store(row + tl.cumsum(chosen.to(tl.int32), 0) - 1, j, mask=chosen)   # compacted, in block order
-        w = tl.arange(0, W_P2)
-        tl.store(row + w, tl.where(w == W - 1, cur, -1), mask=(w >= n) & (w < W))
-        real = length > 1                                                # lengths <= 1: graph padding
-        # relaxed: the counts are read after the step; Triton's default (acq_rel) fenced and synced every program
-        tl.atomic_add(read, (n * S + length - cur * S).to(tl.float64), mask=real, sem="relaxed")
-        tl.atomic_add(total, length.to(tl.float64), mask=real, sem="relaxed")
-        # last, the new key into its page's running max / min (in float32: exact for bf16 / fp16, and Triton's
-        # CPU interpreter compares bf16 as raw bits) and sum. (This pooling ahead of the search took the kernel
-        # 17.2 µs, not 9.0: Qwen3-8B, batch 8 x 32K, H200.)
-        new_max = tl.where(off == 0, xv, tl.maximum(old_max, xv))
-        new_min = tl.where(off == 0, xv, tl.minimum(old_min, xv))
-        new_sum = tl.where(off == 0, 0.0, old_sum) + xv
-        tl.store(kmax + at + d, new_max.to(kmax.dtype.element_ty))
-        tl.store(kmin + at + d, new_min.to(kmin.dtype.element_ty))
-        tl.store(ksum + at + d, new_sum)
-        if off == S - 1:   # the key filled its page: the gate key [max | min | avg] @ Wk[h], norm, RoPE
-            tl.debug_barrier()                                           # the stats above, stored for all threads
-            WT = wk.dtype.element_ty
-            half = tl.arange(0, DG // 2)
-            acc_lo = tl.zeros([PR, DG // 2], tl.float32)                # products summed by row slot: no
-            acc_hi = tl.zeros([PR, DG // 2], tl.float32)                # reduction until the end
-            for c in tl.static_range(3):                                 # Wk[h]'s max, min, avg rows
-                for d0 in tl.static_range(0, D, PR):                    # (PR rows at a time: few registers)
-                    dd = d0 + tl.arange(0, PR)
-                    if c == 0:
-                        part = tl.load(kmax + at + dd).to(tl.float32)
-                    elif c == 1:
-                        part = tl.load(kmin + at + dd).to(tl.float32)
-                    else:
-                        part = (tl.load(ksum + at + dd) / S).to(WT).to(tl.float32)
-                    wrows = wk + (h * 3 * D + c * D + dd[:, None]) * DG + half[None, :]   # [PR, Dg / 2]
-                    acc_lo += part[:, None] * tl.load(wrows).to(tl.float32)
-                    acc_hi += part[:, None] * tl.load(wrows + DG // 2).to(tl.float32)
-            lo, hi = tl.sum(acc_lo, 0)[None, :], tl.sum(acc_hi, 0)[None, :]
-            start = tl.zeros([1], tl.int64) + (pos - off)                # RoPE at the block's first token
-            lo, hi = _norm_rope(lo, hi, start, knorm, inv_freq, eps, half, WT, DG, HAS_NORM)
-            tl.store(gate_k + ph * DG + half[None, :], lo)
-            tl.store(gate_k + ph * DG + DG // 2 + half[None, :], hi)
+    """Whether seer's step on x takes kernel_step.seer_pick (CUDA, triton installed, power-of-two
+    head and gate widths) rather than seer_pool_step, seer_scores and pick_blocks."""
+    return kernel_step.triton is not None and x.is_cuda and all(n & (n - 1) == 0 for n in (gate.d, gate.dg))
 
 
 @functools.cache
 def inv_freq(dg, theta, device):
-    """A gate's RoPE frequencies [Dg / 2] on device, made once (not in the step's graph)."""
+    """A gate's RoPE frequencies [Dg / 2] on device for kernel_step.seer_pick, made once (not in the
+    step's graph)."""
     return rope_inv_freq(dg, theta, device)
-
-
-def seer_pick(shares, x, positions, page, gate, kmax, kmin, ksum, gate_k, table, lengths, S, k, threshold,
-              read, total):
-    """The kernels' take on seer_pool_step + seer_scores + pick_blocks: shares [B, Hq, Dg] (each
-    query head's share of its group's gate query, from model.qk_norm_rope), the new pre-RoPE keys
-    x [B, Hk, D] at positions [B] in pages page [B]; kmax / kmin / ksum / gate_k one layer's, by
-    page (updated in place) -> blocks [B, Hk, k + 1] (or [B, Hk, NB + 1] with k == 0 and a
-    threshold), -1 padded."""
-    B, Hq, Dg = shares.shape
-    Hk, D, NB = x.shape[1], x.shape[2], table.shape[1]
-    W = k + 1 if k else NB + 1
-    table, lengths, positions = table.contiguous(), lengths.contiguous(), positions.contiguous()
-    x = x if x.stride(2) == 1 else x.contiguous()      # rows and heads may be strided, channels not
-    scores = torch.empty(B, Hk, NB, dtype=torch.float32, device=shares.device)
-    out = torch.empty(B, Hk, W, dtype=torch.int32, device=shares.device)
-    scale = 1.0 if k else 1.0 / math.sqrt(Dg)
-    freq = inv_freq(Dg, gate.rope_theta, shares.device)
-    norm = gate.qnorm_weight   # without one, Wq stands in: the kernel then reads only its dtype
-    _seer_score_kernel[(triton.cdiv(NB, SCORE_BLK), Hk, B)](
-        shares.contiguous(), positions, gate.attngate_linear_q.weight if norm is None else norm, freq, GATE_EPS,
-        gate_k, table, lengths, scores, NB, gate_k.shape[0], scale, Hk=Hk, G=Hq // Hk,
-        G_P2=triton.next_power_of_2(Hq // Hk), DG=Dg, S=S, BLK=SCORE_BLK, HAS_NORM=norm is not None,
-        **pdl_launch(shares))
-    nb_p2 = triton.next_power_of_2(NB)
-    # one warp per 128 blocks, at most 4: batch 8, one warp 7.0 / 11.2 / 17.5 µs for both kernels at 128 / 512 /
-    # 1024 blocks, four 8.5 / 10.5 / 12.9; the single kernel took 11.6 / 16.1 / 20.0 (H100, 2026-11-23)
-    wk, knorm = gate.attngate_linear_k.weight, gate.knorm_weight
-    _seer_pick_kernel[(Hk, B)](scores, lengths, out, read, total, NB, threshold, k, W, x, x.stride(0), x.stride(1),
-                               positions, page.contiguous(), kmax, kmin, ksum, gate_k, wk,
-                               wk if knorm is None else knorm, freq, GATE_EPS, Hk=Hk, D=D, DG=Dg, S=S, TOP_K=k > 0,
-                               NB_P2=nb_p2, W_P2=triton.next_power_of_2(W), HAS_NORM=knorm is not None,
-                               PR=min(POOL_ROWS, D), num_warps=min(4, max(1, nb_p2 // 128)), **pdl_launch(shares))
-    return out
-
-

@@ -4,11 +4,10 @@ Follows Hugging Face's Qwen3 (SPEC §1): RMSNorm in float32, q_norm/k_norm per h
 before RoPE (rotate-half), GQA, SwiGLU MLP, tied or untied lm_head. Module names are
 Hugging Face's minus the leading "model.", except that q/k/v_proj and gate/up_proj are each
 one stacked weight (qkv_proj, gate_up_proj); from_pretrained / save_pretrained convert.
-On CUDA the small elementwise steps are compiled (`fused`); at inference the RMSNorms are a
-Triton kernel (`rms_norm_kernel`), the q/k norms, RoPE and the K/V page writes another
-(`qk_norm_rope`, which also makes seer's gate-query shares when the selector asks), a decode
-step's projections another (`linear`), each launched so that it starts while the kernel before
-it ends (`pdl_launch`).
+On CUDA the small elementwise steps are compiled (`fused`); at inference the RMSNorms, the q/k
+norms with RoPE and the K/V page writes (`qk_norm_rope`, which also makes seer's gate-query
+shares when the selector asks), and a decode step's projections (`linear`) run as Triton
+kernels (kernel_step.py), each function here choosing between its kernel and its PyTorch code.
 
 Shapes: B batch, T tokens, Hq/Hk query/KV heads, D head_dim, G = Hq // Hk,
 P pages in the pool, S page size (= gate block size), NB blocks of a sequence.
@@ -33,11 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the PyTorch path
-    triton = None
+import kernel_step
 
 
 @dataclass
@@ -87,44 +82,9 @@ def fused(fn):
 
 
 def on_triton(x):
-    """Whether a call on x takes this file's Triton kernels: CUDA, triton installed, and no
+    """Whether a call on x takes kernel_step's Triton kernels: CUDA, triton installed, and no
     autograd (the kernels have no backward)."""
-    return triton is not None and x.is_cuda and not torch.is_grad_enabled()
-
-
-@functools.cache
-def _sm90(device):
-    return torch.cuda.get_device_capability(device)[0] >= 9
-
-
-PDL = True   # False: every kernel launched plainly (bench.py --profile does, to time kernels apart)
-
-
-def pdl_launch(x):
-    """Keyword arguments that launch a decode step's Triton kernel (here and in gate.py) on x's
-    device with programmatic dependent launch where it can (sm_90+, PDL on): the kernel starts
-    while the one before it still runs, and its programs wait for that kernel's results
-    (wait_and_release) before they read anything. With the RMSNorms as a Triton kernel too, a
-    Qwen3-8B decode step (H200, 32K) took 0.17-0.30 ms less: batch 8 seer 4,096 6.57 -> 6.37
-    ms, dense 12.96 -> 12.79; batch 1 5.45 -> 5.15 and 5.72 -> 5.47. (The RMSNorm kernel alone
-    timed as Inductor's; an L2 prefetch of each GEMM's first weight columns before its wait
-    made the step 0.25 ms slower.)
-    Before its wait a kernel may read weights and what older kernels wrote: the kernel before
-    it waited for the one before that before it let this one launch. Those reads bypass L1
-    (".cg"). Done in the q/k, pick and RMSNorm kernels: 6.22 -> 6.12 ms at batch 8, 4.99 ->
-    4.86 at batch 1 (seer 4,096, 32K, H200)."""
-    on = PDL and x.is_cuda and _sm90(x.device)
-    return dict(PDL=on, launch_pdl=on)
-
-
-if triton is not None:
-    @triton.jit
-    def wait_and_release():
-        """In a kernel launched with PDL, before it reads what the kernel before it wrote: wait until that
-        kernel has finished and its writes are visible, then let the kernel after it launch (its programs
-        wait the same way)."""
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    return kernel_step.triton is not None and x.is_cuda and not torch.is_grad_enabled()
 
 
 @fused
@@ -147,7 +107,7 @@ class RMSNorm(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         res = None if residual is None else residual.reshape(flat.shape)
         if on_triton(flat) and self.weight.dtype == x.dtype:
-            h, s = rms_norm_kernel(flat, res, self.weight, self.eps)
+            h, s = kernel_step.rms_norm_kernel(flat, res, self.weight, self.eps)
         elif res is None:
             h, s = rms_norm(flat, self.weight, self.eps), None
         else:
@@ -159,39 +119,6 @@ class RMSNorm(nn.Module):
 def add_rms_norm(x, residual, weight, eps):
     x = x + residual
     return rms_norm(x, weight, eps), x
-
-
-def rms_norm_kernel(x, residual, weight, eps):
-    """rms_norm / add_rms_norm as one Triton kernel: x, residual [N, H] -> (normed, x + residual
-    or None)."""
-    N, H = x.shape
-    add = residual is not None
-    x, residual = x.contiguous(), (residual if add else x).contiguous()
-    out = torch.empty_like(x)
-    s = torch.empty_like(x) if add else None
-    _rms_norm_kernel[(N,)](x, residual, weight, out, s if add else out, H, eps, BH=triton.next_power_of_2(H), ADD=add,
-                           **pdl_launch(x))
-    return out, s
-
-
-if triton is not None:
-    @triton.jit
-    def _rms_norm_kernel(x, res, w, out, s_out, H, eps, BH: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
-        """One program per row: rounded where add_rms_norm rounds (the sum to x's dtype, the normed
-        row to x's dtype before the weight)."""
-        r = tl.program_id(0).to(tl.int64) * H
-        c = tl.arange(0, BH)
-        DT = out.dtype.element_ty
-        weight = tl.load(w + c, mask=c < H, other=0.0).to(tl.float32)   # before the wait: it overlaps the GEMM
-        if PDL:
-            wait_and_release()
-        v = tl.load(x + r + c, mask=c < H, other=0.0)
-        if ADD:
-            v = (v.to(tl.float32) + tl.load(res + r + c, mask=c < H, other=0.0).to(tl.float32)).to(DT)
-            tl.store(s_out + r + c, v, mask=c < H)
-        v = v.to(tl.float32)
-        v = (v * tl.rsqrt(tl.sum(v * v, 0) / H + eps)).to(DT).to(tl.float32)
-        tl.store(out + r + c, (weight * v).to(DT), mask=c < H)
 
 
 def rope_inv_freq(dim, theta, device):
@@ -264,63 +191,16 @@ def linear(x, w, glu=False):
     is silu(x @ gate^T) * (x @ up^T) [..., I] (the MLP's first half). A decode step multiplies a
     few rows (the batch) by each weight, so its time is the weight's read. cuBLAS reads the
     Qwen3-8B block weights at batch 8 at 54-78% of copy speed (split-K and a reduce kernel for
-    some), the Triton kernel below at 61-87% (back to back, H200); a Qwen3-8B batch 8 x 32K decode
+    some), kernel_step.linear_kernel at 61-87% (back to back, H200); a Qwen3-8B batch 8 x 32K decode
     step went 7.32 -> 6.83 ms (seer) and 13.88 -> 13.41 (dense); the silu_mul kernel folded into
     gate_up's kernel took it 6.78 -> 6.70 and 13.41 -> 13.26 more (another H200). It serves up to
-    LINEAR_ROWS rows of bf16 / fp16 on CUDA without autograd; the rest is F.linear."""
+    kernel_step.LINEAR_ROWS rows of bf16 / fp16 on CUDA without autograd; the rest is F.linear."""
     N, K = w.shape
     rows = x.numel() // K
-    if not on_triton(x) or rows > LINEAR_ROWS or x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype:
+    if (not on_triton(x) or rows > kernel_step.LINEAR_ROWS or x.dtype not in (torch.bfloat16, torch.float16)
+            or w.dtype != x.dtype):
         return silu_mul(*F.linear(x, w).chunk(2, -1)) if glu else F.linear(x, w)
-    return linear_kernel(x.reshape(rows, K), w, glu).view(*x.shape[:-1], N // 2 if glu else N)
-
-
-LINEAR_ROWS = 16   # rows of one tl.dot tile: the kernel's batch limit
-
-if triton is not None:
-    @triton.jit
-    def _linear_kernel(x, w, out, M, N, K, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                       GLU: tl.constexpr, PDL: tl.constexpr):
-        """One program per BN output columns: all M (<= 16) rows, the whole K, BK at a time. With GLU
-        the columns n of the gate and N + n of the up projection, silu(gate) * up written."""
-        m = tl.arange(0, 16)
-        n = tl.program_id(0) * BN + tl.arange(0, BN)
-        DT = out.dtype.element_ty
-        if PDL:
-            wait_and_release()
-        acc = tl.zeros([16, BN], tl.float32)
-        acc_up = tl.zeros([16, BN], tl.float32)
-        for k0 in range(0, K, BK):
-            k = k0 + tl.arange(0, BK)
-            a = tl.load(x + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
-            at = w + n[None, :] * K + k[:, None]                          # [BK, BN]
-            mask = (n[None, :] < N) & (k[:, None] < K)
-            acc = tl.dot(a, tl.load(at, mask=mask, other=0.0), acc, input_precision=PREC)   # [16, BK] @ [BK, BN]
-            if GLU:
-                acc_up = tl.dot(a, tl.load(at + N * K, mask=mask, other=0.0), acc_up, input_precision=PREC)
-        y = acc.to(DT)
-        if GLU:   # rounded where F.linear rounds, then silu_mul's float32 arithmetic
-            g = y.to(tl.float32)
-            y = (g * tl.sigmoid(g) * acc_up.to(DT).to(tl.float32)).to(DT)
-        tl.store(out + m[:, None] * N + n[None, :], y, mask=(m[:, None] < M) & (n[None, :] < N))
-
-
-def linear_kernel(x, w, glu=False):
-    """x [M <= 16, K] @ w [N, K]^T -> [M, N] in x's dtype (glu: [M, N / 2], see linear), float32
-    sums (float32 inputs: IEEE, as the CPU interpreter's tests need). Tiles and stages are the
-    fastest of a sweep (BN 16-64, BK 128-512, 3-6 stages) for Qwen3-4B / 8B shapes at batch 8 and
-    16 (H200, 2026-11-30); with glu a program reads BN / 2 columns of each half."""
-    M, K = x.shape
-    N = w.shape[0]
-    assert M <= LINEAR_ROWS and w.shape[1] == K and not (glu and N % 2), (x.shape, w.shape, glu)
-    BN, BK, stages = (64, 128, 3) if N >= 16384 else (64, 256, 4) if N >= 6144 else (32, 256, 6)
-    BK = BK // 2 if x.dtype == torch.float32 else BK   # float32 tiles: twice the shared memory a stage
-    BN, N = (BN // 2, N // 2) if glu else (BN, N)
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _linear_kernel[(triton.cdiv(N, BN),)](x.contiguous(), w.contiguous(), out, M, N, K, BN=BN, BK=BK,
-                                          PREC="ieee" if x.dtype == torch.float32 else "tf32", GLU=glu,
-                                          num_stages=stages, **pdl_launch(x))
-    return out
+    return kernel_step.linear_kernel(x.reshape(rows, K), w, glu).view(*x.shape[:-1], N // 2 if glu else N)
 
 
 class Attention(nn.Module):
@@ -362,14 +242,15 @@ def qk_norm_rope(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None, v_pag
     reads), qr, kr (post-RoPE), v, each [N, H, D], and shares; cos, sin [N, D]. With a layer's pages
     k_pages, v_pages [P, S, Hk, D], kr and v are also written at flat slots [N]. With a gate's
     query weight wq [Hk, G, D, Dg], the kernel also writes shares [N, Hq, Dg] float32, q[n, j] @
-    wq's slice for query head j: the head's share of its group's gate query (gate.seer_pick
+    wq's slice for query head j: the head's share of its group's gate query (kernel_step.seer_pick
     sums, norms and turns it). Else shares is None, and the selector makes its gate query
     itself. On CUDA without autograd (and power-of-two widths), one Triton kernel does it all:
     compiled, the norms, RoPE and writes were 8 kernels, 17.5 µs per layer in a Qwen3-8B batch-8
     decode step, the kernel 2.5 µs, 3.8 with the shares (H200, 836daf8)."""
     d = qkv.shape[1] // (hq + 2 * hk)
     if on_triton(qkv) and d & (d - 1) == 0 and (wq is None or wq.shape[-1] & (wq.shape[-1] - 1) == 0):
-        return qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages, slots, wq)
+        return kernel_step.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages, slots,
+                                               wq)
     q, k, qr, kr, v = qk_norm_rope_torch(qkv, q_norm, k_norm, cos, sin, hq, hk, eps)
     if k_pages is not None:
         k_pages.view(-1, hk, kr.shape[-1])[slots] = kr.to(k_pages.dtype)
@@ -382,92 +263,6 @@ def qk_norm_rope_torch(qkv, q_norm, k_norm, cos, sin, hq: int, hk: int, eps: flo
     q, k, v = qkv.view(qkv.shape[0], hq + 2 * hk, -1).split([hq, hk, hk], 1)
     q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
     return q, k, rotate(q, cos, sin), rotate(k, cos, sin), v
-
-
-QK_ROWS = 16    # tokens per program of the q/k kernel making shares: tl.dot's smallest tile
-
-if triton is not None:
-    @triton.jit
-    def _qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, q_out, qr_out, k_out, kr_out, k_pages, v_pages, slots,
-                             wq, shares, N, eps, Hq: tl.constexpr, Hk: tl.constexpr, D: tl.constexpr,
-                             R: tl.constexpr, WRITE: tl.constexpr, DG: tl.constexpr, PREC: tl.constexpr,
-                             PDL: tl.constexpr):
-        """One program per (R tokens t, head j): j < Hq a query head (and, with DG > 0, its gate-query
-        share q @ wq[j], on the tensor cores: wq[j] read once for the R tokens), else key head j - Hq
-        (and its value)."""
-        i, j = tl.program_id(0), tl.program_id(1)
-        DT = q_out.dtype.element_ty
-        t = (i * R + tl.arange(0, R)).to(tl.int64)[:, None]             # [R, 1] this program's tokens
-        live = t < N
-        e = tl.arange(0, D // 2)[None, :]                                # RoPE turns pairs (e, e + D / 2)
-        # Before the wait (pdl_launch), all but qkv: weights, and cos, sin and slots, which kernels before the
-        # GEMM made, so these loads overlap the GEMM
-        w = q_norm if j < Hq else k_norm
-        w_lo, w_hi = tl.load(w + e).to(tl.float32), tl.load(w + D // 2 + e).to(tl.float32)
-        c_lo = tl.load(cos + t * D + e, mask=live, cache_modifier=".cg").to(tl.float32)
-        c_hi = tl.load(cos + t * D + D // 2 + e, mask=live, cache_modifier=".cg").to(tl.float32)
-        s_lo = tl.load(sin + t * D + e, mask=live, cache_modifier=".cg").to(tl.float32)
-        s_hi = tl.load(sin + t * D + D // 2 + e, mask=live, cache_modifier=".cg").to(tl.float32)
-        if WRITE:
-            slot = tl.load(slots + t, mask=live, cache_modifier=".cg")
-        if DG > 0:   # this query head's wq[j] [D, DG] in two halves of D (none for key heads)
-            d, n = tl.arange(0, D // 2)[:, None], tl.arange(0, DG)[None, :]
-            mine = j + 0 * d < Hq                # [D / 2, 1] (a tensor: the interpreter takes no scalar mask)
-            wq_lo = tl.load(wq + (j * D + d) * DG + n, mask=mine)
-            wq_hi = tl.load(wq + (j * D + D // 2 + d) * DG + n, mask=mine)
-        if PDL:
-            wait_and_release()
-        row = qkv + (t * (Hq + 2 * Hk) + j) * D
-        lo = tl.load(row + e, mask=live, other=0.0).to(tl.float32)     # [R, D / 2]
-        hi = tl.load(row + D // 2 + e, mask=live, other=0.0).to(tl.float32)
-        r = tl.rsqrt((tl.sum(lo * lo, 1) + tl.sum(hi * hi, 1)) / D + eps)[:, None]   # RMSNorm in float32
-        lo = ((lo * r).to(DT).to(tl.float32) * w_lo).to(DT)
-        hi = ((hi * r).to(DT).to(tl.float32) * w_hi).to(DT)
-        r_lo = (lo.to(tl.float32) * c_lo - hi.to(tl.float32) * s_lo).to(DT)
-        r_hi = (hi.to(tl.float32) * c_hi + lo.to(tl.float32) * s_hi).to(DT)
-        if j < Hq:
-            at = (t * Hq + j) * D + e
-            tl.store(q_out + at, lo, mask=live)
-            tl.store(q_out + at + D // 2, hi, mask=live)
-            tl.store(qr_out + at, r_lo, mask=live)
-            tl.store(qr_out + at + D // 2, r_hi, mask=live)
-            if DG > 0:   # q @ wq[j] [R, DG]: rounded to the gate's dtype as gate_query rounds, dot in float32
-                WT = wq.dtype.element_ty   # (tf32 holds bf16 / fp16 products exactly; the interpreter can't dot bf16)
-                share = tl.dot(lo.to(WT).to(tl.float32), wq_lo.to(tl.float32), input_precision=PREC)
-                share = tl.dot(hi.to(WT).to(tl.float32), wq_hi.to(tl.float32), share, input_precision=PREC)
-                tl.store(shares + (t * Hq + j) * DG + n, share, mask=live)
-        else:
-            at = (t * Hk + j - Hq) * D + e
-            tl.store(k_out + at, lo, mask=live)
-            tl.store(k_out + at + D // 2, hi, mask=live)
-            tl.store(kr_out + at, r_lo, mask=live)
-            tl.store(kr_out + at + D // 2, r_hi, mask=live)
-            if WRITE:   # K (post-RoPE) and V into the page slot
-                page = (slot * Hk + j - Hq) * D + e
-                tl.store(k_pages + page, r_lo.to(k_pages.dtype.element_ty), mask=live)
-                tl.store(k_pages + page + D // 2, r_hi.to(k_pages.dtype.element_ty), mask=live)
-                v = row + Hk * D
-                tl.store(v_pages + page, tl.load(v + e, mask=live).to(v_pages.dtype.element_ty), mask=live)
-                tl.store(v_pages + page + D // 2, tl.load(v + D // 2 + e, mask=live).to(v_pages.dtype.element_ty),
-                         mask=live)
-
-
-def qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None, v_pages=None, slots=None, wq=None):
-    """qk_norm_rope as one Triton kernel (head_dim and the gate width powers of two)."""
-    N = qkv.shape[0]
-    D = qkv.shape[1] // (hq + 2 * hk)
-    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
-    q, qr = (torch.empty(N, hq, D, dtype=qkv.dtype, device=qkv.device) for _ in range(2))
-    k, kr = (torch.empty(N, hk, D, dtype=qkv.dtype, device=qkv.device) for _ in range(2))
-    write = k_pages is not None
-    shares = None if wq is None else torch.empty(N, hq, wq.shape[-1], dtype=torch.float32, device=qkv.device)
-    R = 1 if wq is None else QK_ROWS   # (16 rows a program without shares: 2.6 -> 3.4 µs, H200)
-    _qk_norm_rope_kernel[(triton.cdiv(N, R), hq + hk)](
-        qkv, q_norm, k_norm, cos, sin, q, qr, k, kr, k_pages if write else k, v_pages if write else k,
-        slots if write else qkv, k if wq is None else wq.contiguous(), k if wq is None else shares, N, eps, Hq=hq,
-        Hk=hk, D=D, R=R, WRITE=write, DG=0 if wq is None else wq.shape[-1],
-        PREC="ieee" if wq is not None and wq.dtype == torch.float32 else "tf32", **pdl_launch(qkv))
-    return q, k, qr, kr, qkv.view(N, hq + 2 * hk, D)[:, hq + hk:], shares
 
 
 class MLP(nn.Module):

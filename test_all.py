@@ -1,12 +1,12 @@
 """nanoseer tests. CPU tests compare against independent references (transformers' Qwen3,
 float64 attention written here); GPU tests skip without CUDA. Without a GPU the Triton
-kernels (model.py, gate.py) run in Triton's CPU interpreter, where triton is installed (CI
-installs it).
+kernels (kernel_step.py, train_gate.py) run in Triton's CPU interpreter, where triton is
+installed (CI installs it).
 
     python -m pytest -q test_all.py
 
-Sections, in order: the model and paged cache (model.py, generate.py); the gate, pooled keys
-and selectors (gate.py); the CUDA-graph decode path; the decode kernel (kernel_decode.py);
+Sections, in order: the model and paged cache (model.py, generate.py; the step's Triton kernels
+for them, kernel_step.py); the gate, pooled keys and selectors (gate.py; seer's kernels); the CUDA-graph decode path; the decode kernel (kernel_decode.py);
 gate training (train_gate.py); the tiny task and the shipped tiny model (tiny.py, tiny/).
 """
 import functools
@@ -24,11 +24,12 @@ import numpy as np
 import pytest
 import torch
 
-if not torch.cuda.is_available():   # must precede the first import of triton (by gate, train_gate)
+if not torch.cuda.is_available():   # must precede the first import of triton (by kernel_step, train_gate)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import generate as gen
 import kernel_decode
+import kernel_step as KS
 import model as M
 import tiny
 import train_gate as TG
@@ -40,7 +41,7 @@ HAS_CUDA = torch.cuda.is_available() and kernel_decode.tilelang is not None
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and tilelang")
 
 
-# ---- the model and paged cache (model.py, generate.py) ----
+# ---- the model and paged cache (model.py, generate.py, and their kernels in kernel_step.py) ----
 
 def make_hf_model(path, tied=False, hq=4, hk=2, d=64, layers=2, hidden=64, vocab=128, seed=0, shard=None,
                   peaked=False):
@@ -320,10 +321,10 @@ def rope64(x, pos, theta):
     return torch.cat([a * c - b * s, b * c + a * s], -1)
 
 
-@pytest.mark.skipif(M.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
+@pytest.mark.skipif(KS.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
 @pytest.mark.parametrize("N,K", [(100, 300), (6144 + 40, 520), (16384 + 96, 130)])   # each tile shape, ragged
 def test_linear_kernel_matches_float64(N, K):
-    """model.linear_kernel (a few rows times a weight, one Triton kernel; also its silu(gate) * up
+    """kernel_step.linear_kernel (a few rows times a weight, one Triton kernel; also its silu(gate) * up
     form) against float64 at 1, 5 and 16 rows, N and K not multiples of the tiles. On a GPU also
     bf16 / fp16 (the CPU interpreter cannot dot them), and model.linear hands only no-grad calls of
     <= 16 rows to it."""
@@ -338,17 +339,17 @@ def test_linear_kernel_matches_float64(N, K):
             ref = x.double() @ w.double().T
             gate, up = ref.chunk(2, -1)
             for glu, want in ((False, ref), (True, torch.nn.functional.silu(gate) * up)):   # N / 2 gate, up rows
-                out = M.linear_kernel(x, w, glu)
+                out = KS.linear_kernel(x, w, glu)
                 assert out.dtype == dtype and out.shape == want.shape
                 assert ((out.double() - want).norm() / want.norm()).item() < tol, (dtype, rows, glu)
     if cuda:
         w = w64.bfloat16()
         x = torch.randn(2, 8, 1, K, device=dev).bfloat16()                 # 16 rows: the kernel
         with torch.no_grad():
-            assert torch.equal(M.linear(x, w), M.linear_kernel(x.view(16, K), w).view(2, 8, 1, N))
+            assert torch.equal(M.linear(x, w), KS.linear_kernel(x.view(16, K), w).view(2, 8, 1, N))
             x17 = torch.randn(17, K, device=dev).bfloat16()                 # 17 rows: cuBLAS
             assert torch.equal(M.linear(x17, w), torch.nn.functional.linear(x17, w))
-            assert torch.equal(M.linear(x, w, glu=True), M.linear_kernel(x.view(16, K), w, True).view(2, 8, 1, N // 2))
+            assert torch.equal(M.linear(x, w, glu=True), KS.linear_kernel(x.view(16, K), w, True).view(2, 8, 1, N // 2))
         assert torch.equal(M.linear(x[0], w), torch.nn.functional.linear(x[0], w))   # autograd on: cuBLAS
 
 
@@ -364,7 +365,7 @@ def test_linear_hands_only_decode_sized_calls_to_the_kernel(monkeypatch):
         y = torch.nn.functional.linear(x, w)
         return M.silu_mul(*y.chunk(2, -1)) if glu else y
     monkeypatch.setattr(M, "on_triton", lambda x: True)
-    monkeypatch.setattr(M, "linear_kernel", kernel)
+    monkeypatch.setattr(KS, "linear_kernel", kernel)
     w = torch.randn(64, 32).bfloat16()
     for shape, dtype, glu, want in [((2, 8, 1, 32), torch.bfloat16, False, [(16, False)]),
                                     ((5, 32), torch.float16, True, [(5, True)]), ((17, 32), torch.bfloat16, False, []),
@@ -376,10 +377,10 @@ def test_linear_hands_only_decode_sized_calls_to_the_kernel(monkeypatch):
         assert y.shape == (*shape[:-1], 32 if glu else 64) and y.dtype == dtype
 
 
-@pytest.mark.skipif(M.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
+@pytest.mark.skipif(KS.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
 @pytest.mark.parametrize("H", [256, 2600])
 def test_rms_norm_kernel_matches_float64_with_and_without_the_residual_add(H):
-    """model.rms_norm_kernel (one program a row) against float64: (x + residual) / rms * weight, and
+    """kernel_step.rms_norm_kernel (one program a row) against float64: (x + residual) / rms * weight, and
     the sum it returns for the next layer's residual."""
     torch.manual_seed(H)
     cuda = torch.cuda.is_available()
@@ -388,17 +389,17 @@ def test_rms_norm_kernel_matches_float64_with_and_without_the_residual_add(H):
         x, res = (torch.randn(5, H, device=dev).to(dtype) for _ in range(2))
         w = (1 + 0.3 * torch.randn(H, device=dev)).to(dtype)
         for residual in (None, res):
-            out, s = M.rms_norm_kernel(x, residual, w, 1e-6)
+            out, s = KS.rms_norm_kernel(x, residual, w, 1e-6)
             s64 = x.double() + (0 if residual is None else residual.double())
             want = rms_norm64(s64, w, 1e-6)
             assert out.dtype == dtype and ((out.double() - want).norm() / want.norm()).item() < tol, (dtype, H)
             assert s is None if residual is None else ((s.double() - s64).norm() / s64.norm()).item() < tol
 
 
-@pytest.mark.skipif(M.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
+@pytest.mark.skipif(KS.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
 @pytest.mark.parametrize("hq,hk,D", [(4, 2, 64), (6, 2, 128)])
 def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D):
-    """model.qk_norm_rope_kernel (one Triton kernel: QK RMSNorm, RoPE, K and V into their page
+    """kernel_step.qk_norm_rope_kernel (one Triton kernel: QK RMSNorm, RoPE, K and V into their page
     slots, each query head's gate-query share) against the same steps in float64: per-head RMS
     norm times the weight, then RoPE at each token's position; K (post-RoPE) and V land in the
     given slots and nowhere else; the share is the normed query head @ its slice of the gate's
@@ -413,7 +414,7 @@ def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D
     cos, sin = M.cos_sin(pos, D, theta, torch.bfloat16)
     k_pages, v_pages = (torch.full((P, S, hk, D), 7.0, device=dev, dtype=torch.bfloat16) for _ in range(2))
     slots = torch.randperm(P * S, device=dev)[:N]
-    q, k, qr, kr, v, none = M.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages,
+    q, k, qr, kr, v, none = KS.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages,
                                                   slots)
     x = qkv.double().view(N, hq + 2 * hk, D)
     q64, k64 = rms_norm64(x[:, :hq], q_norm, eps), rms_norm64(x[:, hq:hq + hk], k_norm, eps)
@@ -422,7 +423,7 @@ def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D
         assert ((got.double() - want).abs().max() / want.abs().max()).item() < 2e-2   # bf16: ~2 ulps
     assert torch.equal(v, x[:, hq + hk:].bfloat16()) and none is None                # V: qkv's last hk heads
     wq = GT.AttnGate(hk, hq // hk, D, 32, S, True, theta).to(dev, torch.bfloat16).attngate_linear_q.weight
-    *no_pages, shares = M.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, wq=wq)   # no cache
+    *no_pages, shares = KS.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, wq=wq)   # no cache
     assert all(torch.equal(a, b) for a, b in zip(no_pages, (q, k, qr, kr, v)))   # as above, 16 tokens a program
     want = torch.einsum("nhd,hde->nhe", q.double(), wq.double().view(hq, D, 32))   # of the bf16 normed q
     assert shares.dtype == torch.float32 and torch.allclose(shares.double(), want, rtol=1e-5, atol=1e-5)
@@ -433,7 +434,7 @@ def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D
     assert (k_flat[others] == 7).all() and (v_flat[others] == 7).all()
 
 
-# ---- the gate, pooled keys and selectors (gate.py) ----
+# ---- the gate, pooled keys and selectors (gate.py, and kernel_step.seer_pick) ----
 
 import gate as GT
 
@@ -610,10 +611,10 @@ def test_seer_decode_picks_the_top_blocks_of_the_training_view_scores(tmp_path, 
             assert set(blocks[0, h].tolist()) - {-1} == set(top.indices[:3].tolist()) | {69 // 8}, (i, h)
 
 
-@pytest.mark.skipif(GT.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
+@pytest.mark.skipif(KS.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
 @pytest.mark.parametrize("dg,S,NB,G", [(32, 16, 300, 2), (128, 64, 512, 4), (128, 64, 1500, 1), (64, 32, 7, 3)])
 def test_seer_pick_kernel_matches_float64_topk_and_threshold(dg, S, NB, G):
-    """gate.seer_pick (the gate query from the group's shares, the gather, scores, top-k / threshold
+    """kernel_step.seer_pick (the gate query from the group's shares, the gather, scores, top-k / threshold
     and token counts in two Triton kernels) against a float64 selection written here: ragged
     lengths (< one block, exact multiples, padding rows of length 0 and 1), pages shuffled, budgets
     past the blocks there are. First exact: integer shares, no norm and RoPE at position 0 (the
@@ -633,6 +634,7 @@ def test_seer_pick_kernel_matches_float64_topk_and_threshold(dg, S, NB, G):
     stats = [torch.zeros(P, Hk, 8, device=dev, dtype=dt) for dt in (torch.bfloat16, torch.bfloat16, torch.float32)]
     # the norm and RoPE do not depend on the row's length: on the CPU not at 1,500 blocks, whose ten calls took 138 s
     # in Triton's interpreter on 2 cores (~1,100 scoring programs a call)
+    freq = GT.inv_freq(dg, theta, torch.device(dev))
     for norm in (False, True) if NB <= 512 or dev == "cuda" else (False,):
         gate = GT.AttnGate(Hk, G, 8, dg, S, norm, theta).to(dev, torch.bfloat16)
         if norm:
@@ -647,7 +649,7 @@ def test_seer_pick_kernel_matches_float64_topk_and_threshold(dg, S, NB, G):
         s64 = torch.einsum("bhe,bjhe->bhj", gq, gate_k[table.long()].double())    # [B, Hk, NB]
         for k, thr in ((1, 0.0), (3, 0.0), (min(NB, 40), 0.0), (NB, 0.0), (0, 0.01)):
             read, total = (torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(2))
-            out = GT.seer_pick(shares, x, pos, page, gate, *stats, gate_k, table, lengths, S, k, thr, read, total)
+            out = KS.seer_pick(shares, x, pos, page, gate, freq, *stats, gate_k, table, lengths, S, k, thr, read, total)
             out = out.cpu()
             want_read = want_total = 0
             for b, n in enumerate(lengths.tolist()):
@@ -679,10 +681,10 @@ def norm_rope64(g, norm, pos, theta):
     return rope64(rms_norm64(g, norm, GT.GATE_EPS) if norm is not None else g, pos, theta)
 
 
-@pytest.mark.skipif(GT.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
+@pytest.mark.skipif(KS.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
 @pytest.mark.parametrize("D,dg,S,G,norm", [(64, 32, 8, 2, True), (128, 128, 64, 4, False), (64, 64, 16, 3, True)])
 def test_seer_pick_kernel_pools_keys_and_makes_gate_keys_as_float64(D, dg, S, G, norm):
-    """gate.seer_pick, fed one decode step at a time (three sequences, shuffled pages, stale stats
+    """kernel_step.seer_pick, fed one decode step at a time (three sequences, shuffled pages, stale stats
     in the pages), leaves every page's running max / min / sum of its keys and every full page's
     gate key as a float64 computation written here gives them: [max | min | mean] @ Wk, RMS
     norm, RoPE at the block start. Pages it was not given stay untouched."""
@@ -703,11 +705,12 @@ def test_seer_pick_kernel_pools_keys_and_makes_gate_keys_as_float64(D, dg, S, G,
     keys = torch.randn(T, B, Hk, 2 * D, device=dev).bfloat16()[..., :D]   # heads strided, as a split of qkv can be
     shares = torch.randn(B, Hk * G, dg, device=dev)
     read, total = (torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(2))
+    freq = GT.inv_freq(dg, theta, torch.device(dev))
     for t in range(T):
         pos = torch.full((B,), t, device=dev)
         lengths = torch.full((B,), t + 1, dtype=torch.int32, device=dev)
-        GT.seer_pick(shares, keys[t], pos, pages[:, t // S], gate, kmax, kmin, ksum, gate_k, table, lengths, S, 1,
-                     0.0, read, total)
+        KS.seer_pick(shares, keys[t], pos, pages[:, t // S], gate, freq, kmax, kmin, ksum, gate_k, table, lengths,
+                     S, 1, 0.0, read, total)
     wk = gate.attngate_linear_k.weight.double()                        # [Hk, 3D, dg]
     for b in range(B):
         for j in range(3):
@@ -726,39 +729,39 @@ def test_seer_pick_kernel_pools_keys_and_makes_gate_keys_as_float64(D, dg, S, G,
 
 
 SM90_BUILD = """
-import triton, gate as GT, model as M
+import triton, kernel_step as KS
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 ptr, i32, f32 = "*bf16", "i32", "fp32"
 def build(kernel, args, consts):
     sig = {**args, **{k: "constexpr" for k in consts}}
     triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
-build(GT._seer_score_kernel, dict(shares="*fp32", positions="*i64", qnorm=ptr, inv_freq="*fp32", eps=f32, gate_k=ptr,
+build(KS._seer_score_kernel, dict(shares="*fp32", positions="*i64", qnorm=ptr, inv_freq="*fp32", eps=f32, gate_k=ptr,
                                   table="*i32", lengths="*i32", scores="*fp32", NB=i32, P=i32, scale=f32),
-      dict(Hk=8, G=4, G_P2=4, DG=128, S=64, BLK=GT.SCORE_BLK, HAS_NORM=True, PDL=True))
+      dict(Hk=8, G=4, G_P2=4, DG=128, S=64, BLK=KS.SCORE_BLK, HAS_NORM=True, PDL=True))
 for top_k, nb in ((True, 512), (False, 2048)):   # Qwen3-8B shapes: Hk 8, block 64
-    build(GT._seer_pick_kernel, dict(scores="*fp32", lengths="*i32", out="*i32", read="*fp64", total="*fp64",
+    build(KS._seer_pick_kernel, dict(scores="*fp32", lengths="*i32", out="*i32", read="*fp64", total="*fp64",
                                      NB=i32, threshold=f32, K=i32, W=i32, x=ptr, sx_b=i32, sx_h=i32,
                                      positions="*i64", page="*i64", kmax=ptr, kmin=ptr, ksum="*fp32", gate_k=ptr,
                                      wk=ptr, knorm=ptr, inv_freq="*fp32", eps=f32),
           dict(Hk=8, D=128, DG=128, S=64, TOP_K=top_k, NB_P2=nb, W_P2=128 if top_k else 4096, HAS_NORM=True,
-               PR=GT.POOL_ROWS, PDL=True))
+               PR=KS.POOL_ROWS, PDL=True))
 for glu in (False, True):
-    build(M._linear_kernel, dict(x=ptr, w=ptr, out=ptr, M=i32, N=i32, K=i32),
+    build(KS._linear_kernel, dict(x=ptr, w=ptr, out=ptr, M=i32, N=i32, K=i32),
           dict(BN=32, BK=256, PREC="tf32", GLU=glu, PDL=True))
-for dg, rows in ((0, 1), (128, M.QK_ROWS)):   # without and with the gate-query shares
-    build(M._qk_norm_rope_kernel, dict(qkv=ptr, q_norm=ptr, k_norm=ptr, cos=ptr, sin=ptr, q_out=ptr, qr_out=ptr,
+for dg, rows in ((0, 1), (128, KS.QK_ROWS)):   # without and with the gate-query shares
+    build(KS._qk_norm_rope_kernel, dict(qkv=ptr, q_norm=ptr, k_norm=ptr, cos=ptr, sin=ptr, q_out=ptr, qr_out=ptr,
                                       k_out=ptr, kr_out=ptr, k_pages=ptr, v_pages=ptr, slots="*i64", wq=ptr,
                                       shares="*fp32", N=i32, eps=f32),
           dict(Hq=32, Hk=8, D=128, R=rows, WRITE=True, DG=dg, PREC="tf32", PDL=True))
 for add in (False, True):
-    build(M._rms_norm_kernel, dict(x=ptr, res=ptr, w=ptr, out=ptr, s_out=ptr, H=i32, eps=f32),
+    build(KS._rms_norm_kernel, dict(x=ptr, res=ptr, w=ptr, out=ptr, s_out=ptr, H=i32, eps=f32),
           dict(BH=4096, ADD=add, PDL=True))
 print("built")
 """
 
 
-@pytest.mark.skipif(GT.triton is None or torch.cuda.is_available(),
+@pytest.mark.skipif(KS.triton is None or torch.cuda.is_available(),
                     reason="needs triton, and on a GPU the kernel tests above run the real kernels")
 def test_triton_kernels_compile_for_sm90():
     """The interpreter runs the kernels' Python; this checks they also lower to sm_90 code
