@@ -63,7 +63,7 @@ if triton is not None:
 # ---- RMSNorm ----
 
 def rms_norm_kernel(x, residual, weight, eps):
-    """rms_norm / add_rms_norm as one Triton kernel: x, residual [N, H] -> (normed, x + residual
+    """model.rms_norm / add_rms_norm as one Triton kernel: x, residual [N, H] -> (normed, x + residual
     or None)."""
     N, H = x.shape
     add = residual is not None
@@ -78,7 +78,7 @@ def rms_norm_kernel(x, residual, weight, eps):
 if triton is not None:
     @triton.jit
     def _rms_norm_kernel(x, res, w, out, s_out, H, eps, BH: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
-        """One program per row: rounded where add_rms_norm rounds (the sum to x's dtype, the normed
+        """One program per row: rounded where model.add_rms_norm rounds (the sum to x's dtype, the normed
         row to x's dtype before the weight)."""
         r = tl.program_id(0).to(tl.int64) * H
         c = tl.arange(0, BH)
@@ -128,7 +128,7 @@ if triton is not None:
 
 
 def linear_kernel(x, w, glu=False):
-    """x [M <= 16, K] @ w [N, K]^T -> [M, N] in x's dtype (glu: [M, N / 2], see linear), float32
+    """x [M <= 16, K] @ w [N, K]^T -> [M, N] in x's dtype (glu: [M, N / 2], see model.linear), float32
     sums (float32 inputs: IEEE, as the CPU interpreter's tests need). Tiles and stages are the
     fastest of a sweep (BN 16-64, BK 128-512, 3-6 stages) for Qwen3-4B / 8B shapes at batch 8 and
     16 (H200, 2026-11-30); with glu a program reads BN / 2 columns of each half."""
@@ -216,7 +216,7 @@ if triton is not None:
 
 
 def qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None, v_pages=None, slots=None, wq=None):
-    """qk_norm_rope as one Triton kernel (head_dim and the gate width powers of two)."""
+    """model.qk_norm_rope as one Triton kernel (head_dim and the gate width powers of two)."""
     N = qkv.shape[0]
     D = qkv.shape[1] // (hq + 2 * hk)
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
