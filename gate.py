@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 import kernel_step
-from model import RMSNorm, cos_sin, fused, rms_norm, rope_inv_freq, rotate, write_folder
+from model import RMSNorm, cos_sin, fused, on_triton, rms_norm, rope_inv_freq, rotate, write_folder
 
 SELECTORS = ("dense", "seer", "quest", "oracle", "window")
 GATE_EPS = 1e-6   # the gate's q/k RMSNorm epsilon
@@ -374,9 +374,9 @@ def block_attention(qr, k_pages, block_table, lengths):
 
 
 def use_triton(x, gate):
-    """Whether seer's step on x takes kernel_step.seer_pick (CUDA, triton installed, power-of-two
-    head and gate widths) rather than seer_pool_step, seer_scores and pick_blocks."""
-    return kernel_step.triton is not None and x.is_cuda and all(n & (n - 1) == 0 for n in (gate.d, gate.dg))
+    """Whether seer's step on x takes kernel_step.seer_pick (model.on_triton, and power-of-two head
+    and gate widths) rather than seer_pool_step, seer_scores and pick_blocks."""
+    return on_triton(x) and all(n & (n - 1) == 0 for n in (gate.d, gate.dg))
 
 
 @functools.cache

@@ -332,9 +332,10 @@ def decode_attention(q, k_pages, v_pages, block_table, lengths, blocks=None, sca
     arch = f"sm_{props.major}{props.minor}"
     kernel = get_kernel(q.dtype, Hq, Hk, D, S, blocks is None, arch)
     items = block_table.shape[1] if blocks is None else blocks.shape[2]
+    least = least_splits(items)   # (num_splits keeps to it; a forced count is checked here)
     ns = splits or num_splits(B, Hk, items, props.multi_processor_count)
-    if not least_splits(items) <= ns <= MAX_SPLITS:
-        raise ValueError(f"splits must be in [{least_splits(items)}, {MAX_SPLITS}], got {ns}.")
+    if not least <= ns <= MAX_SPLITS:
+        raise ValueError(f"splits must be in [{least}, {MAX_SPLITS}], got {ns}.")
     lse_part = torch.empty(B, Hq, ns, device=q.device, dtype=torch.float32)
     o_part = torch.empty(B, Hq, ns, D, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)

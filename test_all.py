@@ -6,8 +6,9 @@ installed (CI installs it).
     python -m pytest -q test_all.py
 
 Sections, in order: the model and paged cache (model.py, generate.py; the step's Triton kernels
-for them, kernel_step.py); the gate, pooled keys and selectors (gate.py; seer's kernels); the CUDA-graph decode path; the decode kernel (kernel_decode.py);
-gate training (train_gate.py); the tiny task and the shipped tiny model (tiny.py, tiny/).
+for them, kernel_step.py); the gate, pooled keys and selectors (gate.py; seer's kernels); the
+CUDA-graph decode path; the decode kernel (kernel_decode.py); gate training (train_gate.py); the
+tiny task and the shipped tiny model (tiny.py, tiny/).
 """
 import functools
 import json
@@ -415,7 +416,7 @@ def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D
     k_pages, v_pages = (torch.full((P, S, hk, D), 7.0, device=dev, dtype=torch.bfloat16) for _ in range(2))
     slots = torch.randperm(P * S, device=dev)[:N]
     q, k, qr, kr, v, none = KS.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages,
-                                                  slots)
+                                                   slots)
     x = qkv.double().view(N, hq + 2 * hk, D)
     q64, k64 = rms_norm64(x[:, :hq], q_norm, eps), rms_norm64(x[:, hq:hq + hk], k_norm, eps)
     at = pos.double()[:, None, None]
