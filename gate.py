@@ -41,7 +41,7 @@ class Weight(nn.Module):
 class AttnGate(nn.Module):
     def __init__(self, hk, g, d, dg=128, block_size=64, use_qk_norm=True, rope_theta=1e6):
         super().__init__()
-        self.hk, self.g, self.d, self.dg, self.block_size, self.rope_theta = hk, g, d, dg, block_size, rope_theta
+        self.d, self.dg, self.block_size, self.rope_theta = d, dg, block_size, rope_theta
         self.attngate_linear_q = Weight(hk, g, d, dg)
         self.attngate_linear_k = Weight(hk, 3 * d, dg)
         self.attngate_qnorm = RMSNorm(dg, GATE_EPS) if use_qk_norm else None
@@ -138,23 +138,34 @@ def save_gates(model, path, extra_config=None):
 
 def load_gates(model, path):
     """Attach the gates of a gate folder (ours or the published layout) to model; checks they fit."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path}: no config.json there (expected a gate folder)")
     with open(cfg_path) as f:
-        gcfg = json.load(f)
+        try:
+            gcfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e})")
     if gcfg.get("seerattn_k_seq_pooling_type", "Kmaxminavg") != "Kmaxminavg" or \
-            gcfg.get("seerattn_q_head_pooling_type", "Qproj") != "Qproj":
-        raise ValueError(f"{path}: only Kmaxminavg key pooling and Qproj query pooling are supported")
+            gcfg.get("seerattn_q_head_pooling_type", "Qproj") != "Qproj" or not gcfg.get("seerattn_use_rope", True):
+        raise ValueError(f"{path}: only Kmaxminavg key pooling, Qproj query pooling and RoPE in the gate are "
+                         "supported")
     state = {}
     for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        state.update({k: v for k, v in load_file(f).items() if ".attn_gate." in k})
+        try:
+            state.update({k: v for k, v in load_file(f).items() if ".attn_gate." in k})
+        except SafetensorError as e:
+            raise ValueError(f"{f}: cannot read it ({e})")
     if not state:
         raise FileNotFoundError(f"{path}: no attn_gate weights in any *.safetensors file")
     c = model.config
     n_layers = 1 + max(int(k.split(".")[2]) for k in state)
-    hk, g, d, dg = state["model.layers.0.self_attn.attn_gate.attngate_linear_q.weight"].shape
+    q0 = "model.layers.0.self_attn.attn_gate.attngate_linear_q.weight"
+    if q0 not in state or state[q0].dim() != 4:
+        raise ValueError(f"{path}: no [Hk, G, D, Dg] weight {q0}")
+    hk, g, d, dg = state[q0].shape
     want = {"layers": c.num_hidden_layers, "kv heads": c.num_key_value_heads,
             "group size": c.num_attention_heads // c.num_key_value_heads, "head_dim": c.head_dim}
     have = {"layers": n_layers, "kv heads": hk, "group size": g, "head_dim": d}
@@ -166,8 +177,11 @@ def load_gates(model, path):
     p = next(model.parameters())
     for i, layer in enumerate(model.layers):
         prefix = f"model.layers.{i}.self_attn.attn_gate."
-        layer.self_attn.attn_gate.load_state_dict(
-            {k[len(prefix):]: v.to(p.device, p.dtype) for k, v in state.items() if k.startswith(prefix)})
+        try:
+            layer.self_attn.attn_gate.load_state_dict(
+                {k[len(prefix):]: v.to(p.device, p.dtype) for k, v in state.items() if k.startswith(prefix)})
+        except RuntimeError as e:   # a weight missing, extra or of another shape
+            raise ValueError(f"{path}: layer {i}'s gate weights do not fit: {' '.join(str(e).split())}")
     return gcfg
 
 
@@ -280,8 +294,9 @@ class Selector:
             G = q.shape[1] // Hk
             qg = qr.view(B, Hk, G, -1).float()
             kmax, kmin = qmax[step.block_table.long()].float(), qmin[step.block_table.long()].float()  # [B, NB, Hk, D]
-            bound = torch.maximum(torch.einsum("bhgd,bjhd->bhgjd", qg, kmax),
-                                  torch.einsum("bhgd,bjhd->bhgjd", qg, kmin)).sum(-1)
+            # Quest's bound sum_d max(q_d kmax_d, q_d kmin_d): kmax where q_d >= 0, kmin where it is not
+            bound = torch.einsum("bhgd,bjhd->bhgj", qg.clamp(min=0), kmax) + \
+                torch.einsum("bhgd,bjhd->bhgj", qg.clamp(max=0), kmin)
             score = bound.amax(2)                                      # [B, Hk, NB] max over the group
         elif self.attn == "oracle":
             score = block_attention(qr, cache.k[layer], step.block_table, step.lengths).log()

@@ -58,7 +58,7 @@ MAX_SPLITS = 32  # most splits of one (sequence, KV head); the combine holds the
 # With CHUNK that is 8192 blocks per sequence (128K tokens at page 16); 64 made the unrolled
 # combine ~4 µs slower at batch 16 x 32K (H100, 2026-11-23).
 CHUNK = 256  # most list entries one program walks (num_splits keeps shares under it)
-ROWS = 16  # query rows per program: G (<= 8) padded to the tensor-core tile height
+ROWS = 16  # query rows per program: G (<= ROWS) padded to the tensor-core tile height
 LOG2E = 1.4426950408889634
 
 
@@ -311,7 +311,7 @@ def _check_values(k_pages, block_table, lengths, blocks):
         raise ValueError(f"block_table has a page id outside [0, {P}) for a block in use.")
     if blocks is not None:
         if bool(((blocks >= n_blk[:, None, None]) | (blocks < -1)).any()):
-            raise ValueError("blocks holds a logical block id past its sequence's last block.")
+            raise ValueError("blocks holds a logical block id outside [-1, its sequence's block count).")
         ids = blocks.sort(-1).values
         if bool(((ids[..., 1:] == ids[..., :-1]) & (ids[..., 1:] >= 0)).any()):
             raise ValueError("blocks repeats a logical block id within a (sequence, KV head) row.")

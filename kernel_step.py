@@ -101,23 +101,23 @@ LINEAR_ROWS = 16   # rows of one tl.dot tile: the kernel's batch limit
 
 if triton is not None:
     @triton.jit
-    def _linear_kernel(x, w, out, M, N, K, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                       GLU: tl.constexpr, PDL: tl.constexpr):
-        """One program per BN output columns: all M (<= 16) rows, the whole K, BK at a time. With GLU
+    def _linear_kernel(x, w, out, M, N, K, ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                       PREC: tl.constexpr, GLU: tl.constexpr, PDL: tl.constexpr):
+        """One program per BN output columns: all M (<= ROWS) rows, the whole K, BK at a time. With GLU
         the columns n of the gate and N + n of the up projection, silu(gate) * up written."""
-        m = tl.arange(0, 16)
+        m = tl.arange(0, ROWS)
         n = tl.program_id(0) * BN + tl.arange(0, BN)
         DT = out.dtype.element_ty
         if PDL:
             wait_and_release()
-        acc = tl.zeros([16, BN], tl.float32)
-        acc_up = tl.zeros([16, BN], tl.float32)
+        acc = tl.zeros([ROWS, BN], tl.float32)
+        acc_up = tl.zeros([ROWS, BN], tl.float32)
         for k0 in range(0, K, BK):
             k = k0 + tl.arange(0, BK)
             a = tl.load(x + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
             at = w + n[None, :] * K + k[:, None]                          # [BK, BN]
             mask = (n[None, :] < N) & (k[:, None] < K)
-            acc = tl.dot(a, tl.load(at, mask=mask, other=0.0), acc, input_precision=PREC)   # [16, BK] @ [BK, BN]
+            acc = tl.dot(a, tl.load(at, mask=mask, other=0.0), acc, input_precision=PREC)   # [ROWS, BK] @ [BK, BN]
             if GLU:
                 acc_up = tl.dot(a, tl.load(at + N * K, mask=mask, other=0.0), acc_up, input_precision=PREC)
         y = acc.to(DT)
@@ -139,7 +139,7 @@ def linear_kernel(x, w, glu=False):
     BK = BK // 2 if x.dtype == torch.float32 else BK   # float32 tiles: twice the shared memory a stage
     BN, N = (BN // 2, N // 2) if glu else (BN, N)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _linear_kernel[(triton.cdiv(N, BN),)](x.contiguous(), w.contiguous(), out, M, N, K, BN=BN, BK=BK,
+    _linear_kernel[(triton.cdiv(N, BN),)](x.contiguous(), w.contiguous(), out, M, N, K, ROWS=LINEAR_ROWS, BN=BN, BK=BK,
                                           PREC="ieee" if x.dtype == torch.float32 else "tf32", GLU=glu,
                                           num_stages=stages, **pdl_launch(x))
     return out
@@ -250,7 +250,7 @@ def qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None
 # page's gate key as AttnGate.key does (rounding where PyTorch rounds). That page holds the
 # new token, so no score of this step reads its key.
 # Qwen3-8B, batch 8 x 32K, seer 4,096, H200 (2026-11-30), per layer: with the shares and the
-# pooling in a kernel of their own (`seer_step`, 4.1 µs) the decode step ran 6.20 ms; without
+# pooling in a kernel of their own (the former `seer_step`, 4.1 µs) the decode step ran 6.20 ms; without
 # it (6156b1d) the q/k kernel took 2.6 -> 4.2 µs, the pick 8.1 -> 9.0, the scores 6.2 as
 # before, the step 6.13. Reads moved ahead of the PDL wait (836daf8): q/k 3.8, pick 8.4, 6.12.
 

@@ -15,7 +15,8 @@ P pages in the pool, S page size (= gate block size), NB blocks of a sequence.
 Three ways to run it:
   model(input_ids)                  dense causal forward, no cache -> logits [B, T, V]
   model.prefill(ids, seq_id, cache) one prompt into the cache     -> last logits [V]
-  model.decode(tokens, seq_ids, cache, select) one token for each live sequence -> [B, V]
+  model.decode(tokens, block_table, lengths, cache, select)
+                                    one token for each live sequence -> [B, V]
 Attention at decode goes through `decode_attention` (page tables, lengths, and an
 optional list of selected blocks per KV head), the one place a sparse selector and the
 TileLang kernel plug in.
@@ -534,8 +535,9 @@ class PagedKVCache:
         pages = torch.tensor(self.pages[seq_id], device=positions.device)
         return pages[positions // self.page_size] * self.page_size + positions % self.page_size
 
-    def block_table(self, seq_ids, width=None):
-        """[B, width] int32 page table; past a sequence's pages: the scratch page."""
-        width = width or max(len(self.pages[s]) for s in seq_ids)
+    def block_table(self, seq_ids):
+        """[B, NB] int32 page table, NB the most pages of any of these sequences; past a sequence's
+        pages: the scratch page."""
+        width = max(len(self.pages[s]) for s in seq_ids)
         table = [self.pages[s] + [self.scratch] * (width - len(self.pages[s])) for s in seq_ids]
         return torch.tensor(table, dtype=torch.int32, device=self.k.device)

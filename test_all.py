@@ -96,7 +96,8 @@ def test_prefill_logits_match_transformers(tmp_path, tied, hq, hk, d, shard):
 
 @pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=cuda)])
 def test_paged_greedy_matches_transformers_ragged_batch(tmp_path, dev, monkeypatch):
-    """On CUDA: our compiled norms / RoPE and a CUDA-graph decode (float32, the PyTorch attention)."""
+    """On CUDA: kernel_step's Triton kernels (RMSNorms, decode's projections, q/k norms and RoPE)
+    and a CUDA-graph decode (float32, the PyTorch attention)."""
     monkeypatch.setattr(M, "decode_attention", M.decode_attention_ref)
     hf = make_hf_model(tmp_path, hq=4, hk=2, d=64)
     ours = M.Qwen3.from_pretrained(str(tmp_path), device=dev)
@@ -147,7 +148,7 @@ def test_sampling_draws_from_the_tempered_nucleus(dev):
 
 
 def test_decode_equals_full_recompute_each_step_and_pages_are_reused(tmp_path):
-    make_hf_model(tmp_path, hq=8, hk=2, d=64)
+    hf = make_hf_model(tmp_path, hq=8, hk=2, d=64)
     net = M.Qwen3.from_pretrained(str(tmp_path))
     cache = M.PagedKVCache(net.config, num_pages=6, page_size=8)
     torch.manual_seed(2)
@@ -165,7 +166,7 @@ def test_decode_equals_full_recompute_each_step_and_pages_are_reused(tmp_path):
         for i, sid in enumerate(live):
             seqs[sid].append(tokens[i])
             with torch.no_grad():
-                full = net(torch.tensor([seqs[sid]]))[0, -1]
+                full = hf(torch.tensor([seqs[sid]])).logits[0, -1]        # transformers, no cache
             assert (logits[i] - full).abs().max() <= 1e-4, (step, sid)
         if step == 5:                      # "a" finishes; its pages return and "c" takes them
             freed = set(cache.pages["a"])
@@ -216,7 +217,7 @@ def test_paged_reference_matches_float64_attention():
                                    atol=1e-5, rtol=0)
 
 
-def test_bad_inputs_give_one_line_errors(tmp_path):
+def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         M.Qwen3.from_pretrained(str(tmp_path))
     make_hf_model(tmp_path)
@@ -478,8 +479,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]   # on CUDA, seer's decode r
 @pytest.mark.parametrize("dev", DEVICES)
 def test_pooled_keys_incremental_decode_equal_prefill(tmp_path, dev, monkeypatch):
     """The pooled keys a decode builds token by token equal those a prefill of the same tokens pools at
-    once: a consistency test of the running stats (the gate's own math is checked against float64 in
-    test_gate_scores_match_explicit_float64_computation)."""
+    once, and both equal float64 stats taken straight from the keys in the pages (seer pools
+    pre-RoPE keys: RoPE undone in float64; quest the post-RoPE keys as stored). The gate's own math
+    is checked against float64 in test_gate_scores_match_explicit_float64_computation."""
     monkeypatch.setattr(M, "decode_attention", M.decode_attention_ref)   # float32 here: not the TileLang kernel
     net = gated_model(tmp_path).to(dev)
     torch.manual_seed(5)
@@ -497,6 +499,19 @@ def test_pooled_keys_incremental_decode_equal_prefill(tmp_path, dev, monkeypatch
             pp, pd = cache.pages["p"], cache.pages["d"]
             n = 3 if name == "gate_k" else 4                 # gate keys exist for full pages only
             assert torch.allclose(buf[:, pp[:n]], buf[:, pd[:n]], atol=1e-5 if dev == "cpu" else 1e-4), name
+        D = net.config.head_dim
+        k = cache.k[:, cache.pages["p"]].double().flatten(1, 2)[:, :29].cpu()     # [L, 29, Hk, D] post-RoPE
+        if attn == "seer":
+            ang = torch.arange(29.0, dtype=torch.float64)[:, None] / net.config.rope_theta ** (
+                torch.arange(0, D, 2, dtype=torch.float64) / D)                  # [29, D / 2]
+            cos, sin = ang.cos().repeat(1, 2)[:, None], ang.sin().repeat(1, 2)[:, None]
+            k = k * cos - torch.cat([-k[..., D // 2:], k[..., :D // 2]], -1) * sin   # rotated back
+        want = [torch.stack([f(k[:, j * 8:(j + 1) * 8], 1) for j in range(4)], 1)  # [L, 4 blocks, Hk, D]
+                for f in (torch.amax, torch.amin, torch.sum)]
+        names = ("kmax", "kmin", "ksum") if attn == "seer" else ("qmax", "qmin")
+        for name, w in zip(names, want):
+            got = cache.pooled[name][:, cache.pages["p"]].double().cpu()
+            assert (got - w).abs().max() <= 1e-4 * (1 + w.abs().max()), (attn, name)
 
 
 def greedy(net, prompts, attn, budget=None, n=40, page=8):
@@ -749,7 +764,7 @@ for top_k, nb in ((True, 512), (False, 2048)):   # Qwen3-8B shapes: Hk 8, block 
                PR=KS.POOL_ROWS, PDL=True))
 for glu in (False, True):
     build(KS._linear_kernel, dict(x=ptr, w=ptr, out=ptr, M=i32, N=i32, K=i32),
-          dict(BN=32, BK=256, PREC="tf32", GLU=glu, PDL=True))
+          dict(ROWS=KS.LINEAR_ROWS, BN=32, BK=256, PREC="tf32", GLU=glu, PDL=True))
 for dg, rows in ((0, 1), (128, KS.QK_ROWS)):   # without and with the gate-query shares
     build(KS._qk_norm_rope_kernel, dict(qkv=ptr, q_norm=ptr, k_norm=ptr, cos=ptr, sin=ptr, q_out=ptr, qr_out=ptr,
                                       k_out=ptr, kr_out=ptr, k_pages=ptr, v_pages=ptr, slots="*i64", wq=ptr,
@@ -795,6 +810,7 @@ def test_gate_folder_round_trip_and_published_layout(tmp_path):
     assert (g / "model.safetensors").stat().st_mode == (g / "config.json").stat().st_mode   # not owner-only
     other = M.Qwen3.from_pretrained(str(tmp_path / "m"))
     GT.load_gates(other, str(tmp_path / "g"))
+    assert GT.gate_state(net).keys() == GT.gate_state(other).keys()
     for a, b in zip(GT.gate_state(net).values(), GT.gate_state(other).values()):
         assert torch.equal(a, b)
     # a folder written by hand in the published layout: base config + seerattn_* fields, no norms
@@ -810,9 +826,10 @@ def test_gate_folder_round_trip_and_published_layout(tmp_path):
          for n, shape in (("attngate_linear_q.weight", (2, 2, 32, 16)), ("attngate_linear_k.weight", (2, 96, 16)))}
     save_file(w, str(pub / "attn_gate.safetensors"))
     GT.load_gates(other, str(pub))
-    g1 = other.layers[1].self_attn.attn_gate
-    assert g1.attngate_qnorm is None and g1.block_size == 8
-    assert torch.equal(g1.attngate_linear_k.weight, w["model.layers.1.self_attn.attn_gate.attngate_linear_k.weight"])
+    assert all(l.self_attn.attn_gate.attngate_qnorm is None and l.self_attn.attn_gate.block_size == 8
+               for l in other.layers)
+    assert GT.gate_state(other).keys() == w.keys()
+    assert all(torch.equal(v, w[k]) for k, v in GT.gate_state(other).items())
 
 
 def test_gate_and_budget_bad_inputs(tmp_path):
@@ -824,6 +841,26 @@ def test_gate_and_budget_bad_inputs(tmp_path):
     make_hf_model(tmp_path / "wide", hq=4, hk=2, d=64)                  # only the head_dim differs
     with pytest.raises(ValueError, match="fit this model: head_dim 32 vs model 64$"):
         GT.load_gates(M.Qwen3.from_pretrained(str(tmp_path / "wide")), str(tmp_path / "g"))
+    # broken gate folders: each a one-sentence ValueError, not a traceback from deep inside
+    from safetensors.torch import load_file, save_file
+    good = load_file(str(tmp_path / "g" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "g" / "config.json").read_text())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for config, weights, match in (
+            ("{", good, "config.json: not valid JSON"),
+            ({**cfg, "seerattn_use_rope": False}, good, "RoPE in the gate"),
+            (cfg, {k: v for k, v in good.items() if ".layers.0." not in k}, "no \\[Hk, G, D, Dg\\] weight"),
+            (cfg, {k: v for k, v in good.items() if "layers.1.self_attn.attn_gate.attngate_linear_k" not in k},
+             "layer 1's gate weights do not fit: .*attngate_linear_k"),
+            (cfg, b"not a safetensors file", "model.safetensors: cannot read it")):
+        (bad / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+        if isinstance(weights, bytes):
+            (bad / "model.safetensors").write_bytes(weights)
+        else:
+            save_file(weights, str(bad / "model.safetensors"))
+        with pytest.raises(ValueError, match=match):
+            GT.load_gates(M.Qwen3.from_pretrained(str(tmp_path / "m")), str(bad))
     cache = M.PagedKVCache(net.config, 8, 16)
     with pytest.raises(ValueError, match="block size 8 != page size 16"):
         GT.Selector("seer", net, cache, 32)
@@ -926,11 +963,22 @@ def test_decode_kernel_matches_float64_reference(dtype, D, S, G, sparse):
 
 
 @needs_gpu
-def test_decode_kernel_writes_every_output_element():
+def test_decode_kernel_writes_every_output_element(monkeypatch):
+    """Every buffer the launch allocates (the output, the splits' partial outputs and LSEs) starts
+    as NaN, so an element that the split kernel or the combine leaves unwritten (or a split's
+    unwritten LSE that the combine reads) comes out as NaN. (Poisoning freed memory instead does
+    not reach them: the caching allocator keeps allocations under 1 MiB in a pool of their own.)"""
     q, k, v, table, lengths, blocks = kernel_inputs(torch.bfloat16, 32, 8, 128, 64, [1, 65, 4000], True, 7)
-    # poison what torch.empty hands out next, then run: no NaN may survive
-    torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)
-    out = run_kernel(q, k, v, table, lengths, blocks)
+    empty, empty_like, poisoned = torch.empty, torch.empty_like, []
+
+    def poison(t):
+        poisoned.append(t.shape)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+    out = run_kernel(q, k, v, table, lengths, blocks, splits=4)
+    monkeypatch.undo()
+    assert len(poisoned) >= 3, poisoned        # out, o_part, lse_part
     assert torch.isfinite(out).all()
     assert rel_err(out, reference_decode(q, k, v, table, lengths, blocks, 1 / math.sqrt(128))) <= 1e-2
 
@@ -1088,19 +1136,6 @@ def test_fused_target_matches_float64_reference_triton():
     check_target(TG.block_stats_triton, torch.bfloat16, "cuda", 1e-4)   # reference from the same bf16 inputs
 
 
-def test_chunked_gate_logits_equal_attngate_scores():
-    """train_gate.gate_logits on a chunk of rows equals AttnGate.scores on the whole sequence: the
-    chunking and the causal block mask, the scores themselves being checked against float64 in
-    test_gate_scores_match_explicit_float64_computation."""
-    import gate as GT
-    torch.manual_seed(1)
-    gate = GT.AttnGate(2, 3, 16, 8, 4, True, 100.0)
-    q, k = torch.randn(37, 6, 16), torch.randn(37, 2, 16)
-    rows = torch.arange(20, 37)
-    got = TG.gate_logits(gate, q[20:], rows, gate.block_keys(k))
-    assert torch.allclose(got, gate.scores(q, k)[20:], atol=1e-5)
-
-
 def test_train_layer_kl_is_the_float64_kl_of_target_and_gate():
     """train_layer's summed KL(target || gate), chunk by chunk, against float64 row by row: naive_target
     and a log-softmax of AttnGate.scores over the same complete blocks; and its gradient reaches every
@@ -1121,10 +1156,11 @@ def test_train_layer_kl_is_the_float64_kl_of_target_and_gate():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
 
 
-def test_recall_far_needle_counts_match_a_float64_reference():
+def test_recall_and_far_needle_counts_match_a_float64_reference():
     """recall_layer's far needles (a block >= 3 blocks back holding >= 0.5 of some head's
-    attention) and how many the gate's top blocks hold, against explicit float64 attention and
-    AttnGate.scores' ranking, row by row. Rows from 80 on are made to look up block 3."""
+    attention), how many each selection's top blocks hold, and its recall, row by row against
+    explicit float64 attention, a float64 Quest bound and AttnGate.scores' ranking (checked
+    against float64 in its own test). Rows from 80 on are made to look up block 3."""
     import gate as GT
     torch.manual_seed(3)
     S, T, Hk, G, D = 8, 120, 2, 2, 16
@@ -1137,25 +1173,30 @@ def test_recall_far_needle_counts_match_a_float64_reference():
     TG.recall_layer(gate, q, k, q, k, 0.0, 32, [16, 32], sums)   # (no RoPE: the same q, k both ways)
     s = torch.einsum("thgd,uhd->thgu", q.double().view(T, Hk, G, D), k.double()) / math.sqrt(D)
     p = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1)[:, None, None], float("-inf")).softmax(-1)
-    head_mass = p.view(T, Hk, G, T // S, S).sum(-1).amax(2)              # [T, Hk, NB]
-    ranking = gate.scores(q, k).detach()                                 # [T, Hk, NB]
-    far, found = 0, {16: 0, 32: 0}
+    blocks = p.view(T, Hk, G, T // S, S)
+    head_mass = blocks.sum(-1).amax(2)                                   # [T, Hk, NB]
+    kb = k.double().view(T // S, S, Hk, D).transpose(0, 2)               # [Hk, S, NB, D]
+    qg = q.double().view(T, Hk, G, 1, D)
+    quest = torch.maximum(qg * kb.amax(1)[None, :, None], qg * kb.amin(1)[None, :, None]).sum(-1).amax(2)
+    rankings = {"oracle": blocks.amax(-1).amax(2), "quest": quest, "gate": gate.scores(q, k).detach()}  # [T, Hk, NB]
+    far, found = 0, {(name, budget): 0 for name in rankings for budget in (16, 32)}
     for t in range(S, T):
         cur = t // S
         for h in range(Hk):
             j = int(head_mass[t, h, :cur].argmax())
             if head_mass[t, h, j] >= 0.5 and j <= cur - 3:
                 far += 1
-                for budget in found:
-                    found[budget] += j in ranking[t, h, :cur].topk(min(budget // S, cur)).indices.tolist()
+                for name, budget in found:
+                    top = rankings[name][t, h, :cur].topk(min(budget // S, cur)).indices.tolist()
+                    found[name, budget] += j in top
     assert far >= 80 and sums["far"] == far
-    assert 0 < found[16] < found[32] and [sums["gate", b, "far"] for b in found] == list(found.values()), found
+    assert 0 < found["gate", 16] < found["gate", 32], found
+    assert [sums[name, budget, "far"] for name, budget in found] == list(found.values()), found
     # recall: the group's attention mass (per head, averaged over G) in the top blocks plus the row's own
     a, b = TG.counted_rows(T, S, 0.0)
-    blocks = p.view(T, Hk, G, T // S, S)
-    mass, peak = blocks.sum(-1).sum(2) / G, blocks.amax(-1).amax(2)     # [T, Hk, NB] each
+    mass = blocks.sum(-1).sum(2) / G                                     # [T, Hk, NB]
     assert sums["n"] == (b - a) * Hk
-    for name, rank in (("oracle", peak), ("gate", ranking)):
+    for name, rank in rankings.items():
         for budget in (16, 32):
             top = lambda t, h: rank[t, h, :t // S].topk(min(budget // S, t // S)).indices
             want = sum(mass[t, h, top(t, h)].sum() + mass[t, h, t // S] for t in range(a, b) for h in range(Hk))
@@ -1286,7 +1327,7 @@ def test_data_formats_skip_and_count_bad_lines_and_short_sequences(setup, capsys
         "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
 
 
-def test_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys):
+def test_train_gate_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys):
     d, model, data = setup
     bad = write_jsonl(tmp_path / "bad.jsonl", ["{oops", "[1, 2]", '{"txt": "x"}'])
     (tmp_path / "empty.txt").write_text("")
