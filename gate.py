@@ -169,9 +169,13 @@ def load_gates(model, path):
     want = {"layers": c.num_hidden_layers, "kv heads": c.num_key_value_heads,
             "group size": c.num_attention_heads // c.num_key_value_heads, "head_dim": c.head_dim}
     have = {"layers": n_layers, "kv heads": hk, "group size": g, "head_dim": d}
+    for k in ("hidden_size", "intermediate_size", "vocab_size"):   # the base model's, where the folder says
+        if k in gcfg:
+            want[k], have[k] = getattr(c, k), gcfg[k]
     diff = [f"{k} {have[k]} vs model {want[k]}" for k in want if have[k] != want[k]]
     if diff:
-        raise ValueError(f"{path}: gate folder does not fit this model: {', '.join(diff)}")
+        base = f" (trained for {gcfg['base_model']})" if gcfg.get("base_model") else ""
+        raise ValueError(f"{path}: gate folder{base} does not fit this model: {', '.join(diff)}")
     use_norm = "model.layers.0.self_attn.attn_gate.attngate_qnorm.weight" in state
     attach_gates(model, dg, gcfg.get("seerattn_gate_block_size", 64), use_norm)
     p = next(model.parameters())

@@ -175,14 +175,11 @@ def use_kernel(kind, device, net, page_sizes):
               file=sys.stderr)
 
 
-def pages_in_memory(cfg, fraction, page_size, dtype):
-    """Pages that fit in `fraction` of the free GPU memory (K and V of every layer, plus pooled keys)."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"--kv-memory-fraction must be in (0, 1), got {fraction}")
-    free, _ = torch.cuda.mem_get_info()
+def pages_in_memory(cfg, kv_bytes, page_size, dtype):
+    """Pages that fit in kv_bytes (K and V of every layer, plus pooled keys)."""
     elem = torch.tensor([], dtype=dtype).element_size()
     per_page = cfg.num_hidden_layers * cfg.num_key_value_heads * (2 * page_size + 4) * cfg.head_dim * elem
-    return max(1, int(free * fraction) // per_page)
+    return max(1, kv_bytes // per_page)
 
 
 def pages_needed(prompts, max_new_tokens, page_size):
@@ -203,7 +200,7 @@ def pick_gate(gate_dirs, block_size):
             raise FileNotFoundError(f"{d}: no config.json there (expected a gate folder)")
     if block_size not in sizes:
         raise ValueError(f"no gate for block size {block_size} (have {sorted(sizes)}); "
-                         f"set --block-size or give a matching --gate")
+                         f"set --block-size (--eval-blocks with --eval) or give a matching --gate")
     return sizes[block_size]
 
 
@@ -241,10 +238,11 @@ def run(net, tok, eos, texts, args, attn, budget, block, gate_dirs, graphs, on_t
             raise ValueError(f"prompt {i} is empty after tokenization")
     dtype = next(net.parameters()).dtype
     num_pages = args.num_pages or pages_needed(ids, args.max_new_tokens, block)
-    if args.kv_memory_fraction:
-        num_pages = pages_in_memory(net.config, args.kv_memory_fraction, block, dtype)
+    if args.kv_bytes:
+        torch.cuda.empty_cache()                     # an --eval row before this one freed its pool
+        num_pages = pages_in_memory(net.config, args.kv_bytes, block, dtype)
     cache = M.PagedKVCache(net.config, num_pages, block, args.device, dtype)
-    select = GT.Selector(attn, net, cache, budget, args.threshold if attn == "seer" else None)
+    select = GT.Selector(attn, net, cache, budget, args.threshold)
     t0, first = time.perf_counter(), None
 
     def tick(i, t):                                  # notes when the first new tokens are read
@@ -269,8 +267,10 @@ def evaluate(net, tok, eos, args, gate_dirs, graphs):
                     r = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{args.eval} line {n}: not JSON ({e})")
-                if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or "answer" not in r:
-                    raise ValueError(f"{args.eval} line {n}: need a JSON object with a string 'prompt' and an 'answer'")
+                if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or \
+                        not isinstance(r.get("answer"), str):
+                    raise ValueError(f"{args.eval} line {n}: need a JSON object with a string 'prompt' and a "
+                                     "string 'answer'")
                 records.append(r)
     if not records:
         raise ValueError(f"{args.eval}: no records (JSON lines with 'prompt' and 'answer')")
@@ -289,7 +289,7 @@ def evaluate(net, tok, eos, args, gate_dirs, graphs):
         if attn != "dense" and not any(b % block == 0 for b in budgets for block in blocks):
             raise ValueError(f"--eval-budgets {budgets}: none is a multiple of a block size in {blocks}")
     for block in blocks if "seer" in attns else []:
-        pick_gate(gate_dirs, block)
+        GT.load_gates(net, pick_gate(gate_dirs, block))   # each fits the model (loaded again in its rows)
     rows = []
     for attn in attns:
         for block in blocks[:1] if attn == "dense" else blocks:
@@ -324,8 +324,9 @@ def main(argv=None):
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--eval", help="a .jsonl of {prompt, answer} records: score every selector x budget x block "
                                   "size and print a table")
-    p.add_argument("--task", choices=["tiny", "boxed"], default="boxed",
-                   help="--eval scoring: the tiny task's per-step check, or the last \\boxed{} answer")
+    p.add_argument("--task", choices=["tiny", "boxed"],
+                   help="--eval scoring: the tiny task's per-step check, or the last \\boxed{} answer "
+                        "(default: tiny for the shipped model, else boxed)")
     p.add_argument("--eval-attn", default="dense,seer,quest,oracle,window", help="--eval: selectors, comma-separated")
     p.add_argument("--eval-budgets", default="128,256,512,1024", help="--eval: token budgets, comma-separated")
     p.add_argument("--eval-blocks", default="64", help="--eval: block sizes, comma-separated (one gate each)")
@@ -335,7 +336,8 @@ def main(argv=None):
                                                       "(default 256; 8192 for the tiny task)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    p.add_argument("--seed", type=int, help="sampling seed (and, for the tiny default, the problem; default: random)")
+    p.add_argument("--seed", type=int, help="sampling seed, 0 if not given; for the shipped model also its "
+                                            "problem's (default: random)")
     p.add_argument("--attn", default=None, choices=GT.SELECTORS,
                    help="which KV blocks each decode step reads: all (dense, the default), the gate's top blocks "
                         "(seer, the default for the tiny model), Quest's bound, the exact attention's top blocks "
@@ -354,15 +356,20 @@ def main(argv=None):
     p.add_argument("--num-pages", type=int, default=0,
                    help="KV pages in the pool (default: just enough for the prompts + --max-new-tokens)")
     p.add_argument("--kv-memory-fraction", type=float,
-                   help="cuda: size the KV pool to this share of the free GPU memory instead of --num-pages")
+                   help="cuda: size the KV pool to this share of the GPU memory free after loading the model, "
+                        "instead of --num-pages (every --eval row gets the same bytes)")
     p.add_argument("--no-graph", action="store_true", help="cuda: run decode eagerly instead of in CUDA graphs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights and cache dtype (default: bfloat16 on cuda, float32 on cpu)")
     args = p.parse_args(argv)
     M.check_device(p, args.device)
+    if args.kv_memory_fraction is not None and not 0 < args.kv_memory_fraction < 1:
+        p.error(f"--kv-memory-fraction must be in (0, 1), got {args.kv_memory_fraction}")
     if args.kv_memory_fraction is not None and not args.device.startswith("cuda"):
         p.error("--kv-memory-fraction sizes the pool from free GPU memory: give --num-pages on cpu")
+    if args.eval and (args.attn or args.budget or args.threshold is not None):
+        p.error("--attn, --budget and --threshold choose one run's blocks; --eval takes --eval-attn and --eval-budgets")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error(f"need --temperature >= 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
     if args.block_size is not None and args.block_size < 1:
@@ -385,13 +392,14 @@ def main(argv=None):
         args.block_size = args.block_size or 16         # its best gates (README, tiny model results)
         if args.attn != "dense" and args.budget is None and args.threshold is None:
             args.budget = 512
-        args.task = "tiny"
+        args.task = args.task or "tiny"
         if not args.eval and not args.prompt and not args.prompts_file:
             seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
             problem = tiny.make_problem(random.Random(seed))
             args.prompt = [problem["prompt"]]
             print(f"[tiny task, problem seed {seed}]")
     args.attn = args.attn or "dense"
+    args.task = args.task or "boxed"
     args.block_size = args.block_size or 64
     args.seed = args.seed or 0
     if args.max_new_tokens is None:
@@ -414,6 +422,7 @@ def main(argv=None):
     try:
         dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
         net = M.Qwen3.from_pretrained(args.model, device=args.device, dtype=dtype)
+        args.kv_bytes = args.kv_memory_fraction and int(torch.cuda.mem_get_info()[0] * args.kv_memory_fraction)
         use_kernel(args.kernel, args.device, net, args.eval_blocks if args.eval else [args.block_size])
         tok, eos = load_tokenizer(args.model), eos_ids(args.model)
         graphs = args.device.startswith("cuda") and not args.no_graph

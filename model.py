@@ -430,9 +430,17 @@ class CLIHelp(argparse.RawDescriptionHelpFormatter):
 
 
 def check_device(parser, device):
-    """A script's --device: cpu, or cuda (cuda:N) on a machine with a CUDA GPU, else argparse's error."""
-    if device.split(":")[0] not in ("cpu", "cuda") or (device.startswith("cuda") and not torch.cuda.is_available()):
-        parser.error(f"--device {device}: give cpu, or cuda on a machine with a CUDA GPU")
+    """A script's --device: cpu, or cuda / cuda:N naming a GPU of this machine, else argparse's error.
+    A GPU becomes the current device, so that streams, events, graphs and memory queries use it."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and (dev.index or 0) >= gpus):
+        parser.error(f"--device {device}: give cpu, or cuda (cuda:N) naming one of this machine's {gpus} GPUs")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
 
 
 def unreadable(path):

@@ -253,7 +253,9 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path):
     cases = [("generate.py", "--top-p", "0", "--top-p in"), ("generate.py", "--temperature", "-1", "--temperature >= 0"),
              ("generate.py", "--block-size", "0", "--block-size must be"),
              ("generate.py", "--eval-budgets", "64,x", "integers, comma-separated"),
-             ("generate.py", "--device", "tpu", "--device tpu"), ("bench.py e2e", "--hf", "qwen3-8b:8", "--hf qwen3-8b:8"),
+             ("generate.py", "--device", "tpu", "--device tpu"), ("generate.py", "--device", "cuda:64", "GPUs$"),
+             ("generate.py", "--kv-memory-fraction", "0", r"--kv-memory-fraction must be in \(0, 1\)"),
+             ("generate.py --eval /dev/null", "--budget", "64", "--eval-attn and --eval-budgets"), ("bench.py e2e", "--hf", "qwen3-8b:8", "--hf qwen3-8b:8"),
              ("bench.py e2e", "--budget", "100", "--budget: positive multiples"),
              ("bench.py kernel", "--sparsity", "1", r"--sparsity: fractions in \[0, 1\)"),
              ("bench.py kernel", "--splits", "33", r"--splits: \d+ to 32 here"),
@@ -262,7 +264,7 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path):
              ("generate.py", "--prompts-file", "/dev/null", "holds no prompt"), ("generate.py", "--eval", "/dev/null",
                                                                                  "no records")]
     if not torch.cuda.is_available():
-        cases += [("generate.py", "--device", "cuda", "a CUDA GPU"), ("bench.py kernel", "", "", "a CUDA GPU"),
+        cases += [("generate.py", "--device", "cuda", "machine's 0 GPUs"), ("bench.py kernel", "", "", "a CUDA GPU"),
                   ("generate.py", "--kv-memory-fraction", "0.5", "--num-pages on cpu")]
     for script, flag, value, msg in cases:
         args = [*script.split(), *([flag, value] if flag else [])]
@@ -834,6 +836,7 @@ def test_gate_folder_round_trip_and_published_layout(tmp_path):
 
 def test_gate_and_budget_bad_inputs(tmp_path):
     net = gated_model(tmp_path / "m")
+    net.name_or_path = str(tmp_path / "m")                 # as train_gate.py names the base model
     GT.save_gates(net, str(tmp_path / "g"))
     make_hf_model(tmp_path / "big", hq=8, hk=2, d=32, layers=3)
     with pytest.raises(ValueError, match="layers 2 vs model 3, group size 2 vs model 4"):
@@ -841,6 +844,10 @@ def test_gate_and_budget_bad_inputs(tmp_path):
     make_hf_model(tmp_path / "wide", hq=4, hk=2, d=64)                  # only the head_dim differs
     with pytest.raises(ValueError, match="fit this model: head_dim 32 vs model 64$"):
         GT.load_gates(M.Qwen3.from_pretrained(str(tmp_path / "wide")), str(tmp_path / "g"))
+    make_hf_model(tmp_path / "other", hq=4, hk=2, d=32, hidden=96)       # the same heads, another base model
+    with pytest.raises(ValueError, match=r"\(trained for .*/m\) does not fit this model: hidden_size 64 vs model 96, "
+                                         "intermediate_size 192 vs model 288$"):
+        GT.load_gates(M.Qwen3.from_pretrained(str(tmp_path / "other")), str(tmp_path / "g"))
     # broken gate folders: each a one-sentence ValueError, not a traceback from deep inside
     from safetensors.torch import load_file, save_file
     good = load_file(str(tmp_path / "g" / "model.safetensors"))
