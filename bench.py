@@ -150,14 +150,6 @@ def plot(rows, path, dev):
 
 # ---- e2e: whole-model decode ----
 
-SHAPES = {  # SPEC §1
-    "qwen3-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-}
-
-
 def random_model(shape):
     """Qwen3 of a published shape, random bf16 weights, on the GPU (no download)."""
     import model as M
@@ -165,7 +157,7 @@ def random_model(shape):
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        net = M.Qwen3(M.Qwen3Config(**SHAPES[shape], max_position_embeddings=131072)).eval()
+        net = M.Qwen3(M.Qwen3Config(**M.SHAPES[shape], max_position_embeddings=131072)).eval()
     torch.set_default_dtype(prev)
     return net
 
@@ -263,6 +255,7 @@ def bench_hf(shape, B, ctx, steps):
     warm-up call."""
     import statistics
     from transformers import LogitsProcessor, LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
+    import model as M
 
     class Clock(LogitsProcessor):
         def __init__(self):
@@ -273,7 +266,7 @@ def bench_hf(shape, B, ctx, steps):
             self.times.append(time.perf_counter())
             return scores
 
-    cfg = Qwen3Config(**SHAPES[shape], max_position_embeddings=131072, attn_implementation="sdpa")
+    cfg = Qwen3Config(**M.SHAPES[shape], max_position_embeddings=131072, attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device("cuda"):
         hf = Qwen3ForCausalLM(cfg).to(torch.bfloat16).eval()
@@ -355,7 +348,7 @@ def main():
     k.add_argument("--plot", nargs="?", const="bench_kernel.png", default=None,
                    help="write a PNG of speedup vs sparsity (default bench_kernel.png)")
     e = sub.add_parser("e2e", formatter_class=M.CLIHelp, help="whole-model decode: ours dense and seer vs transformers")
-    e.add_argument("--shape", nargs="+", default=["qwen3-8b", "qwen3-4b"], choices=list(SHAPES),
+    e.add_argument("--shape", nargs="+", default=["qwen3-8b", "qwen3-4b"], choices=list(M.SHAPES),
                    help="model shapes (random weights)")
     e.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16], help="batch sizes")
     e.add_argument("--context", type=int, nargs="+", default=[8192, 32768, 65536],
@@ -404,8 +397,8 @@ def main():
             args.hf = []
     for spec in args.hf if args.cmd == "e2e" else []:
         shape, *rest = spec.split(":")
-        if shape not in SHAPES or len(rest) != 2 or not all(x.isdigit() and int(x) > 0 for x in rest):
-            parser.error(f"--hf {spec}: want shape:batch:context with a shape of {', '.join(SHAPES)}")
+        if shape not in M.SHAPES or len(rest) != 2 or not all(x.isdigit() and int(x) > 0 for x in rest):
+            parser.error(f"--hf {spec}: want shape:batch:context with a shape of {', '.join(M.SHAPES)}")
     if not torch.cuda.is_available():
         parser.error("bench.py times GPU decode: it needs a CUDA GPU")
     t0 = time.time()

@@ -64,6 +64,18 @@ class Qwen3Config:
                 "attention_bias": False, "torch_dtype": "float32", **d}
 
 
+# Published Qwen3 shapes (SPEC §1), for random-weight runs with nothing to download: bench.py e2e,
+# train_gate.py --random-init
+SHAPES = {
+    "qwen3-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "qwen3-14b": dict(vocab_size=151936, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                      num_attention_heads=40, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}
+
+
 def fused(fn):
     """fn through torch.compile when its first argument is a CUDA tensor, plain PyTorch elsewhere.
     A decode step at small batch is a chain of tiny elementwise ops, each its own kernel

@@ -7,16 +7,16 @@
 The base model runs without autograd; each attention layer hands its q, k (pre- and post-RoPE)
 to a callback (Attention.capture) that trains that layer's gate on the spot and lets go, so
 memory holds one layer's work at a time. Per chunk of queries a fused pass (Triton on GPU,
-chunked PyTorch on CPU) walks the keys once and returns, per head and 64-token block, the max
+chunked PyTorch on CPU) walks the keys once and returns, per head and block of S tokens, the max
 attention score, the block's log-sum-exp and the row's log-sum-exp; the target
 T[t, h, j] = max over the block's tokens and the G heads of the group of the attention
 probability, over complete blocks before t's own block, renormalised — [L, L] scores never
 exist. Loss: KL(T || softmax(gate)) over the last (1 - --loss-from) of each sequence, heads and
 layers, times --loss-scale. Only gate parameters train (float32, AdamW); data-parallel ranks
-all-reduce their gradients. Checkpoints (gate folder + train_state.pt) are written atomically;
---resume continues where a run stopped (bit for bit on CPU; on CUDA within ~1e-7, since
-torch.compile's first-shape and dynamic kernels round differently), Ctrl-C / SIGTERM save
-first. Not here: FSDP (the gates are small, every rank holds them all) and sequence parallelism.
+all-reduce their gradients. A checkpoint's files (the gate folder's, train_state.pt) are each
+written atomically, the state last; --resume continues where a run stopped (bit for bit on CPU;
+on CUDA within ~1e-7, since torch.compile's first-shape and dynamic kernels round differently),
+Ctrl-C / SIGTERM save first. Not here: FSDP (the gates are small, every rank holds them all) and sequence parallelism.
 Shapes: T tokens, Hq/Hk query/KV heads, G = Hq // Hk, D head_dim, S block, NB = T // S complete
 blocks, C queries in a chunk.
 """
@@ -43,16 +43,6 @@ try:                                     # GPU machines; CPUs use the PyTorch pa
     import triton.language as tl
 except ImportError:
     triton = None
-
-SHAPES = {  # SPEC §1, for --random-init
-    "qwen3-4b": dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                     intermediate_size=9728, tie_word_embeddings=True),
-    "qwen3-8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                     intermediate_size=12288),
-    "qwen3-14b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8,
-                      intermediate_size=17408),
-}
-
 
 # ---- data: jsonl / txt -> token ids -> sequences of --seq-len ----
 
@@ -195,7 +185,7 @@ if triton is not None:
 
 
 def block_stats_triton(qr, kr, t0, t1, S, with_blse=False, block_m=64):
-    """Same contract as block_stats_torch, one Triton pass over the keys (S >= 16, D a power of two)."""
+    """Same contract as block_stats_torch, one Triton pass over the keys (S >= 16; S and D powers of two)."""
     T, Hq, D = qr.shape
     Hk, C, nball = kr.shape[1], t1 - t0, -(-T // S)
     assert qr.stride(2) == 1 and kr.stride(2) == 1
@@ -212,7 +202,8 @@ def block_stats_triton(qr, kr, t0, t1, S, with_blse=False, block_m=64):
 
 def block_stats(qr, kr, t0, t1, S, with_blse=False):
     """The Triton pass where it can run, else the PyTorch one (CPU, tiny blocks)."""
-    fast = triton is not None and qr.is_cuda and S >= 16 and qr.shape[-1] & (qr.shape[-1] - 1) == 0
+    D = qr.shape[-1]
+    fast = triton is not None and qr.is_cuda and S >= 16 and S & (S - 1) == 0 and D & (D - 1) == 0
     return (block_stats_triton if fast else block_stats_torch)(qr, kr, t0, t1, S, with_blse)
 
 
@@ -322,18 +313,18 @@ def setup_of(model, args, fingerprint):
 
 
 def save_checkpoint(model, opt, step, args, setup):
-    """train_state.pt (gates, optimizer, step, data position, RNG) + the gate folder; each file via
-    temp + rename, the state renamed last, so a failed write leaves the previous checkpoint whole."""
+    """train_state.pt (gates, optimizer, step; the data order follows from step and --seed) + the
+    gate folder; each file via temp + rename, the state renamed last, so a failed write leaves the
+    previous state whole (a resume takes its gates from the state, not from the gate folder)."""
     path, tmp = os.path.join(args.out, "train_state.pt"), os.path.join(args.out, "train_state.pt.tmp")
-    state = {"step": step, "data_pos": step * args.batch, "setup": setup, "rng": torch.get_rng_state(),
-             "gates": {k: v.detach().cpu() for k, v in GT.gate_state(model).items()},
+    state = {"step": step, "setup": setup, "gates": {k: v.detach().cpu() for k, v in GT.gate_state(model).items()},
              "optimizer": opt.state_dict()}
     try:
         os.makedirs(args.out, exist_ok=True)
         torch.save(state, tmp)
         GT.save_gates(model, args.out, {"train_step": step})
         os.replace(tmp, path)
-    except OSError as e:
+    except Exception as e:   # OSError, or torch.save's / safetensors' own error on a full disk
         if os.path.exists(tmp):                                          # (write_folder cleans up its own)
             os.remove(tmp)
         kept = "the previous checkpoint there is intact" if os.path.isfile(path) else "nothing was saved"
@@ -361,7 +352,7 @@ def load_checkpoint(model, opt, args, setup):
     path = os.path.join(args.out, "train_state.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume: no train_state.pt in {args.out}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     diff = [f"{k} {state['setup'].get(k)} there vs {v} now" for k, v in setup.items() if state["setup"].get(k) != v]
     if diff:
         raise ValueError(f"--resume: {args.out} was trained with a different setup: {'; '.join(diff)}")
@@ -370,21 +361,20 @@ def load_checkpoint(model, opt, args, setup):
         layer.self_attn.attn_gate.load_state_dict({k[len(pre):]: v for k, v in state["gates"].items()
                                                    if k.startswith(pre)})
     opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
     return state["step"]
 
 
 # ---- the run ----
 
 def random_model(name, device, dtype):
-    """A Qwen3 of a known shape (SHAPES) or a config.json, with random weights: for speed runs."""
-    if name in SHAPES:
-        cfg = dict(vocab_size=151936, head_dim=128, rope_theta=1e6, max_position_embeddings=40960, **SHAPES[name])
+    """A Qwen3 of a known shape (model.SHAPES) or a config.json, with random weights: for speed runs."""
+    if name in M.SHAPES:
+        cfg = dict(max_position_embeddings=40960, **M.SHAPES[name])
     elif os.path.isfile(name):
         with open(name) as f:
             cfg = json.load(f)
     else:
-        raise ValueError(f"--random-init {name}: not one of {', '.join(SHAPES)} nor a config.json file")
+        raise ValueError(f"--random-init {name}: not one of {', '.join(M.SHAPES)} nor a config.json file")
     with torch.device("meta"):
         net = M.Qwen3(M.Qwen3Config.from_dict(cfg)).to(dtype)
     net = net.to_empty(device=device)
@@ -406,7 +396,7 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=M.CLIHelp)
     a = p.add_argument
     a("--model", help="Hugging Face Qwen3 folder (config.json, safetensors, tokenizer.json)")
-    a("--random-init", help=f"instead of --model: random weights of a shape ({', '.join(SHAPES)}) or a config.json; "
+    a("--random-init", help=f"instead of --model: random weights of a shape ({', '.join(M.SHAPES)}) or a config.json; "
                             "trains on random tokens (for speed and memory runs)")
     a("--data", nargs="+", default=[], help=".jsonl (text | prompt+response | messages) or .txt files")
     a("--eval-data", nargs="+", default=[], help="held-out files (default: the last --eval-seqs training sequences)")
@@ -440,7 +430,7 @@ def parse(argv):
     a("--dtype", choices=["float32", "bfloat16", "float16"],
       help="base model dtype (default: bfloat16 on cuda, float32 on cpu)")
     args = p.parse_args(argv)
-    for flag, least in (("steps", 1), ("batch", 1), ("micro_batch", 1), ("gate_hidden", 2), ("q_chunk", 1),
+    for flag, least in (("steps", 1), ("batch", 1), ("block_size", 1), ("micro_batch", 1), ("gate_hidden", 2), ("q_chunk", 1),
                         ("stop_after", 1), ("eval_seqs", 0), ("warmup", 0), ("eval_every", 0), ("log_every", 0),
                         ("save_every", 0)):
         if getattr(args, flag) is not None and getattr(args, flag) < least:
@@ -461,7 +451,7 @@ def parse(argv):
         p.error("--random-init trains and evaluates on random tokens; drop --data / --eval-data")
     if args.eval_data and not args.eval_seqs:
         p.error("--eval-data with --eval-seqs 0 would evaluate nothing")
-    if args.block_size < 1 or args.seq_len % args.block_size or args.seq_len < 2 * args.block_size:
+    if args.seq_len % args.block_size or args.seq_len < 2 * args.block_size:
         p.error(f"--seq-len {args.seq_len} must be a multiple of --block-size {args.block_size}, at least two blocks")
     if args.batch % (args.micro_batch * world):
         p.error(f"--batch {args.batch} must be a multiple of --micro-batch {args.micro_batch} x {world} rank(s)")
