@@ -198,6 +198,8 @@ def pick_gate(gate_dirs, block_size):
                 sizes[json.load(f).get("seerattn_gate_block_size", 64)] = d
         except FileNotFoundError:
             raise FileNotFoundError(f"{d}: no config.json there (expected a gate folder)")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{d}/config.json: not valid JSON ({e})")
     if block_size not in sizes:
         raise ValueError(f"no gate for block size {block_size} (have {sorted(sizes)}); "
                          f"set --block-size (--eval-blocks with --eval) or give a matching --gate")
@@ -227,11 +229,11 @@ def score(task, record, text):
     return (got is not None and got.replace(" ", "") == want.replace(" ", "")), 0, 0
 
 
-def run(net, tok, eos, texts, args, attn, budget, block, gate_dirs, graphs, on_token=None):
+def run(net, tok, eos, texts, args, attn, budget, block, graphs, on_token=None):
     """Decode a batch of texts with one selector -> (prompt ids, generated ids, sparsity, seconds in all,
     seconds to the first new tokens: prefill, and on cuda graph capture and any kernel compile)."""
     if attn == "seer":
-        GT.load_gates(net, pick_gate(gate_dirs, block))
+        GT.load_gates(net, pick_gate(args.gate, block))
     ids = [tok.encode(t).ids for t in texts]
     for i, x in enumerate(ids):
         if not x:
@@ -257,7 +259,7 @@ def run(net, tok, eos, texts, args, attn, budget, block, gate_dirs, graphs, on_t
     return ids, out, select.sparsity(), time.perf_counter() - t0, first
 
 
-def evaluate(net, tok, eos, args, gate_dirs, graphs):
+def evaluate(net, tok, eos, args, graphs):
     """Every selector x budget x block size over the --eval records -> a table."""
     records = []
     with open(args.eval) as f:
@@ -289,7 +291,7 @@ def evaluate(net, tok, eos, args, gate_dirs, graphs):
         if attn != "dense" and not any(b % block == 0 for b in budgets for block in blocks):
             raise ValueError(f"--eval-budgets {budgets}: none is a multiple of a block size in {blocks}")
     for block in blocks if "seer" in attns else []:
-        GT.load_gates(net, pick_gate(gate_dirs, block))   # each fits the model (loaded again in its rows)
+        GT.load_gates(net, pick_gate(args.gate, block))   # each fits the model (loaded again in its rows)
     rows = []
     for attn in attns:
         for block in blocks[:1] if attn == "dense" else blocks:
@@ -298,7 +300,7 @@ def evaluate(net, tok, eos, args, gate_dirs, graphs):
                     continue
                 with tqdm(desc=f"{attn} block {block} budget {budget}", unit=" tok", leave=False,
                           dynamic_ncols=True) as bar:                  # tokens generated so far
-                    _, out, sparsity, dt, _ = run(net, tok, eos, texts, args, attn, budget, block, gate_dirs,
+                    _, out, sparsity, dt, _ = run(net, tok, eos, texts, args, attn, budget, block,
                                                   graphs, on_token=lambda i, t: bar.update())
                 scores = [score(args.task, r, tok.decode(o)) for r, o in zip(records, out)]
                 steps = sum(s[2] for s in scores)
@@ -427,7 +429,7 @@ def main(argv=None):
         tok, eos = load_tokenizer(args.model), eos_ids(args.model)
         graphs = args.device.startswith("cuda") and not args.no_graph
         if args.eval:
-            return evaluate(net, tok, eos, args, args.gate, graphs)
+            return evaluate(net, tok, eos, args, graphs)
         if args.attn == "seer" and not args.gate:
             raise ValueError("--attn seer needs gates: give --gate DIR")
         texts = [chat_prompt(t, not args.no_think) if args.chat else t for t in prompts]
@@ -444,7 +446,7 @@ def main(argv=None):
 
         stream = len(texts) == 1
         ids, out, sparsity, dt, first = run(net, tok, eos, texts, args, args.attn, args.budget, args.block_size,
-                                            args.gate, graphs, on_token if stream else None)
+                                            graphs, on_token if stream else None)
     except (OSError, ValueError, M.CacheFull) as e:   # OSError: a file missing or unreadable
         raise SystemExit(f"error: {e}")
     if stream:
