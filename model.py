@@ -424,11 +424,12 @@ class Qwen3(nn.Module):
         model.load_state_dict(merge_projections({k: t.to(dtype) for k, t in state.items()}), assign=True)
         return model.eval()
 
-    def save_pretrained(self, path):
-        """Write config.json + model.safetensors (Hugging Face layout), atomically."""
-        state = {"model." + k if not k.startswith("lm_head") else k: t.detach().contiguous().cpu()
+    def save_pretrained(self, path, dtype=None, extra_config=None):
+        """Write config.json (with extra_config's fields) + model.safetensors (Hugging Face layout,
+        weights in dtype if given), atomically."""
+        state = {"model." + k if not k.startswith("lm_head") else k: t.detach().to(dtype or t.dtype).contiguous().cpu()
                  for k, t in hf_names(self.state_dict(), self.config).items()}
-        write_folder(path, state, self.config.to_hf_dict())
+        write_folder(path, state, {**self.config.to_hf_dict(), **(extra_config or {})})
 
 
 class CLIHelp(argparse.RawDescriptionHelpFormatter):

@@ -1674,3 +1674,95 @@ def test_eval_mode_scores_problems_and_prints_every_row(tmp_path):
     r = subprocess.run([sys.executable, "generate.py", "--eval", str(data), "--task", "tiny"], cwd=HERE,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "record 4: not a tiny-task prompt" in r.stderr and "Traceback" not in r.stderr
+
+
+
+def test_parse_prompt_rejects_a_program_score_could_not_judge():
+    """Each of these used to pass parse_prompt and then raise KeyError / IndexError in score()."""
+    head = "x1 3\nx2 4\n<prog>\n"
+    cases = [("y1 := x1 + x9", r"'y1 := x1 \+ x9': x9 is not defined before it"),
+             ("y1 := x1 + y1", "y1 is not defined before it"),                  # a step cannot use itself
+             ("y1 := x1 + x2\ny2 := y1 - y3", "'y2 := y1 - y3': y3 is not defined"),
+             ("y1 := x1 +", "'y1 := x1 \\+': expected 'y := a op b'"),
+             ("y1 := x1 * x2", r"expected 'y := a op b' with op one of \+ -"),
+             ("y1 = x1 + x2", "expected 'y := a op b'"),
+             ("", "its program has no steps")]
+    for prog, msg in cases:
+        prompt = head + prog + "\n<trace>\n"
+        with pytest.raises(ValueError, match=msg):
+            tiny.parse_prompt(prompt)
+        with pytest.raises(ValueError, match=msg):
+            tiny.score(prompt, "")
+    with pytest.raises(ValueError, match="definition 'x1': expected a name and a value"):
+        tiny.parse_prompt("x1\n<prog>\ny1 := x1 + x1\n<trace>\n")
+    # well-formed: operands from the definitions and from earlier steps
+    assert tiny.parse_prompt(head + "y1 := x1 + x2\ny2 := y1 - x1\n<trace>\n") == (
+        {"x1": 3, "x2": 4}, [("y1", "x1", "+", "x2"), ("y2", "y1", "-", "x1")])
+
+
+def test_tiny_cli_bad_inputs_fail_before_training_with_one_line_errors(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "noweights").mkdir()                                      # a config.json but no weights
+    (tmp_path / "noweights" / "config.json").write_text(json.dumps(tiny.tiny_config().to_hf_dict()))
+    small = ["--steps", "1", "--batch", "1", "--seq-len", "256", "--device", "cpu", "--workers", "1"]
+    out = str(tmp_path / "o")
+    cases = [(["pretrain", "--out", str(tmp_path / "file"), *small], r"--out \S+file cannot be written"),
+             (["pretrain", "--out", str(tmp_path / "file" / "o"), *small], "cannot be written"),
+             (["pretrain", "--out", out, "--warmup", "0", *small], "--warmup and --workers must be >= 1"),
+             (["pretrain", "--out", out, "--init", str(tmp_path / "noweights"), *small], "no model.safetensors"),
+             (["data", "--n", "1", "--out", str(tmp_path / "missing" / "d.jsonl")], "cannot be written"),
+             (["data", "--n", "1", "--out", str(tmp_path)], "cannot be written")]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            tiny.main(argv)
+        assert re.search(msg, f"{e.value} {capsys.readouterr().err}"), (argv, msg)
+    assert M.holds_model(out) is None
+    r = subprocess.run([sys.executable, "tiny.py", "pretrain", "--out", str(tmp_path / "file"), *small],
+                       cwd=HERE, capture_output=True, text=True)               # as a script: one line, no trace
+    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.startswith("error: --out")
+
+
+def test_pretrain_past_its_time_budget_still_makes_one_step_and_logs_a_rerunnable_command(tmp_path):
+    args = ["--max-minutes", "1e-9", "--steps", "5", "--batch", "1", "--seq-len", "256", "--eval-every", "0",
+            "--device", "cpu", "--workers", "1"]
+    r = subprocess.run([sys.executable, "tiny.py", "pretrain", "--out", str(tmp_path / "a"), *args],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = json.loads((tmp_path / "a" / "pretrain_log.json").read_text())
+    assert log["steps"] == 1 and "None" not in log["command"], log
+    argv = log["command"].split()[1:]                                      # tiny.py pretrain --out ... (no --init)
+    argv[argv.index("--out") + 1] = str(tmp_path / "b")
+    r = subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads((tmp_path / "b" / "pretrain_log.json").read_text())["command"]
+    assert again == log["command"].replace(str(tmp_path / "a"), str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("where", ["weights", "small files"])
+def test_save_stopped_midway_leaves_the_previous_save_whole(tmp_path, monkeypatch, where):
+    import safetensors.torch
+    net, tok, out = M.Qwen3(tiny.tiny_config()), tiny.build_tokenizer(), str(tmp_path)
+    tiny.save_folder(net, tok, out, dict(step=1))
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(out)}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt                                            # Ctrl-C while the weights are written
+    def open_then_interrupted(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        if "w" in mode:                                                    # Ctrl-C right after a file is opened
+            f.close()                                                      # (and so truncated) for writing
+            raise KeyboardInterrupt
+        return f
+    if where == "weights":
+        monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    else:
+        monkeypatch.setattr(tiny, "open", open_then_interrupted, raising=False)
+    with torch.no_grad():
+        net.embed_tokens.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        tiny.save_folder(net, tok, out, dict(step=2))
+    assert sorted(os.listdir(out)) == sorted(before)                       # no temp file left behind
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / f).read_bytes() == before[f], f
+    monkeypatch.undo()
+    M.Qwen3.from_pretrained(out)                                           # still a loadable folder

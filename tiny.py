@@ -31,13 +31,13 @@ is small, a run makes many more of them, and the lookups formed there within 2K 
 where 5K steps at 5,120 tokens had not found them (the README has the shipped runs).
 """
 import argparse
-import copy
 import itertools
 import json
 import math
 import multiprocessing
 import os
 import random
+import tempfile
 import time
 
 import numpy as np
@@ -97,16 +97,30 @@ def make_problem(rng, n_x=N_X, n_y=N_Y, p_x=0.6, ops="+-"):
 
 
 def parse_prompt(prompt):
-    """prompt -> (values of the defined variables, program steps [(y, a, op, b)])."""
+    """prompt -> (values of the defined variables, program steps [(y, a, op, b)]). A prompt that
+    score() could not judge raises ValueError here, before any generation, not in score() after."""
     if "<prog>" not in prompt or "<trace>" not in prompt:
         raise ValueError("not a tiny-task prompt: it needs a <prog> line and a <trace> line")
-    defs, prog = prompt.split("<trace>")[0].split("<prog>")
+    defs, _, prog = prompt.split("<trace>")[0].partition("<prog>")
     value = {}
     for line in defs.split("\n"):
-        if line.strip():
-            name, v = line.split()
-            value[name] = int(v)
-    steps = [tuple(w for i, w in enumerate(line.split()) if i != 1) for line in prog.split("\n") if line.strip()]
+        if w := line.split():
+            if len(w) != 2 or not w[1].isdigit():
+                raise ValueError(f"definition {line!r}: expected a name and a value, like 'x17 4'")
+            value[w[0]] = int(w[1])
+    steps, known = [], set(value)
+    for line in prog.split("\n"):
+        if not (w := line.split()):
+            continue
+        if len(w) != 5 or w[1] != ":=" or w[3] not in OPS:
+            raise ValueError(f"program step {line!r}: expected 'y := a op b' with op one of {' '.join(OPS)}")
+        y, _, a, op, b = w
+        if unknown := [v for v in (a, b) if v not in known]:
+            raise ValueError(f"program step {line!r}: {unknown[0]} is not defined before it")
+        steps.append((y, a, op, b))
+        known.add(y)
+    if not steps:
+        raise ValueError("not a tiny-task prompt: its program has no steps")
     return value, steps
 
 
@@ -243,31 +257,41 @@ def heldout_accuracy(net, tok, device, seq_len, n=8, seed=999_999):
 
 
 def save_folder(net, tok, out, log=None):
-    """A Hugging Face Qwen3 folder, weights in bfloat16 (the shipped folder stays small)."""
-    copy.deepcopy(net).to(torch.bfloat16).save_pretrained(out)
-    tok.save(os.path.join(out, "tokenizer.json"))
+    """A Hugging Face Qwen3 folder, weights in bfloat16 (the shipped folder stays small). Every file
+    goes through a temp file and a rename, config.json and the weights last: a run stopped during a
+    periodic save keeps the previous save whole."""
+    c = net.config
     ids = dict(eos_token_id=VOCAB.index(EOS), pad_token_id=VOCAB.index(PAD))
-    with open(os.path.join(out, "config.json")) as f:
-        cfg = json.load(f)
-    cfg.update(ids, bos_token_id=None, torch_dtype="bfloat16", dtype="bfloat16", use_cache=True,
-               attention_dropout=0.0, initializer_range=0.02, use_sliding_window=False, sliding_window=None,
-               max_window_layers=cfg["num_hidden_layers"], rope_scaling=None)
-    files = {"config.json": cfg, "generation_config.json": ids,
+    files = {"tokenizer.json": tok.to_str(pretty=True), "generation_config.json": ids,
              "tokenizer_config.json": dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=EOS,
                                            pad_token=PAD, unk_token=UNK, clean_up_tokenization_spaces=False,
-                                           model_max_length=cfg["max_position_embeddings"])}
+                                           model_max_length=c.max_position_embeddings)}
     if log is not None:
         files["pretrain_log.json"] = log
+    os.makedirs(out, exist_ok=True)
     for name, d in files.items():
-        with open(os.path.join(out, name), "w") as f:
-            json.dump(d, f, indent=2)
+        path = os.path.join(out, name)
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.write(d if isinstance(d, str) else json.dumps(d, indent=2))
+            os.replace(path + ".tmp", path)
+        finally:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+    net.save_pretrained(out, torch.bfloat16, dict(
+        ids, bos_token_id=None, torch_dtype="bfloat16", dtype="bfloat16", use_cache=True, attention_dropout=0.0,
+        initializer_range=0.02, use_sliding_window=False, sliding_window=None,
+        max_window_layers=c.num_hidden_layers, rope_scaling=None))
 
 
 def pretrain(args):
     torch.manual_seed(args.seed)
     tok = build_tokenizer()
     if args.init:                                            # continue a run (fresh optimizer and schedule)
-        net = M.Qwen3.from_pretrained(args.init, device=args.device, dtype=torch.float32).train()
+        try:
+            net = M.Qwen3.from_pretrained(args.init, device=args.device, dtype=torch.float32).train()
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --init {e}")
     else:
         net = M.Qwen3(tiny_config()).to(args.device)
         for name, w in net.named_parameters():               # as Hugging Face initialises Qwen3, except:
@@ -282,7 +306,8 @@ def pretrain(args):
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=0.1), dict(params=rest, weight_decay=0.0)],
                             lr=args.lr, betas=(0.9, 0.95), fused=cuda)
     log = dict(command="python tiny.py pretrain " + " ".join(f"--{k.replace('_', '-')} {v}"
-                                                             for k, v in vars(args).items() if k != "cmd"),
+                                                             for k, v in vars(args).items()
+                                                             if k != "cmd" and v is not None),   # no "--init None"
                device=torch.cuda.get_device_name() if cuda else "cpu", params=n_params, evals=[])
     data = batches(args.seed, args.batch, args.seq_len, args.workers)
     t0, tokens, done, budget = time.time(), 0, 0, 60 * args.max_minutes
@@ -290,7 +315,7 @@ def pretrain(args):
     for step in bar:
         # progress by steps or by time, whichever is further: the cosine always finishes in time
         progress = max(step / args.steps, (time.time() - t0) / budget)
-        if progress >= 1:
+        if progress >= 1 and step:                       # one step at least: the log and save need a loss
             break
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
         for g in opt.param_groups:
@@ -365,17 +390,25 @@ def main(argv=None):
             write_jsonl(args.out, args.n, args.seed, args.n_x, args.n_y, args.ops)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
+        except OSError as e:
+            raise SystemExit(f"error: --out {args.out} cannot be written ({e.strerror})")
         print(f"wrote {args.n} problems of {n_tokens(args.n_x, args.n_y)} tokens to {args.out}")
     else:
         M.check_device(p, args.device)
-        if min(args.steps, args.batch, args.workers) < 1 or args.max_minutes <= 0:
-            raise SystemExit("error: --steps, --batch and --workers must be >= 1 and --max-minutes > 0")
+        if min(args.steps, args.batch, args.warmup, args.workers) < 1 or args.max_minutes <= 0:
+            raise SystemExit("error: --steps, --batch, --warmup and --workers must be >= 1 and --max-minutes > 0")
         try:
             sizes_for(args.seq_len)
             if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
                 raise ValueError(f"--init {args.init}: no config.json there (expected a model folder)")
             if M.holds_model(args.out):
                 raise ValueError(f"--out {args.out} already holds a model: give a new or empty folder")
+            try:                                             # found now, not at the first save after training
+                os.makedirs(args.out, exist_ok=True)
+                with tempfile.TemporaryFile(dir=args.out):
+                    pass
+            except OSError as e:
+                raise ValueError(f"--out {args.out} cannot be written ({e.strerror})")
         except ValueError as e:
             raise SystemExit(f"error: {e}")
         pretrain(args)
