@@ -1738,7 +1738,7 @@ def test_pretrain_past_its_time_budget_still_makes_one_step_and_logs_a_rerunnabl
     assert again == log["command"].replace(str(tmp_path / "a"), str(tmp_path / "b"))
 
 
-@pytest.mark.parametrize("where", ["weights", "small files"])
+@pytest.mark.parametrize("where", ["weights", "small_files"])
 def test_save_stopped_midway_leaves_the_previous_save_whole(tmp_path, monkeypatch, where):
     import safetensors.torch
     net, tok, out = M.Qwen3(tiny.tiny_config()), tiny.build_tokenizer(), str(tmp_path)
