@@ -10,6 +10,7 @@ for them, kernel_step.py); the gate, pooled keys and selectors (gate.py; seer's 
 CUDA-graph decode path; the decode kernel (kernel_decode.py); gate training (train_gate.py); the
 tiny task and the shipped tiny model (tiny.py, tiny/).
 """
+import faulthandler
 import functools
 import json
 import math
@@ -1008,8 +1009,12 @@ def test_decode_kernel_batch_of_full_rows_and_padding_rows():
     q, k, v, table, lengths, _ = kernel_inputs(torch.bfloat16, 4, 2, 64, 16, lengths, False, 11)
     rows = [[rng.sample(range(260), 64) + [260] for _ in range(2)] for _ in range(173)]
     blocks = torch.tensor(rows + [[[-1] * 64 + [0]] * 2] * 27, dtype=torch.int32)  # [200, 2, 65]
-    for _ in range(20):
-        out = run_kernel(q, k, v, table, lengths, blocks)
+    faulthandler.dump_traceback_later(300, exit=True)   # a hang ends the run with the stacks, not stalls it
+    try:
+        for _ in range(20):
+            out = run_kernel(q, k, v, table, lengths, blocks)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     assert rel_err(out, reference_decode(q, k, v, table, lengths, blocks, 1 / math.sqrt(64))) <= 1e-2
 
 
@@ -1717,6 +1722,10 @@ def test_tiny_cli_bad_inputs_fail_before_training_with_one_line_errors(tmp_path,
             tiny.main(argv)
         assert re.search(msg, f"{e.value} {capsys.readouterr().err}"), (argv, msg)
     assert M.holds_model(out) is None
+    (tmp_path / "keep.jsonl").write_text("keep\n")
+    with pytest.raises(SystemExit, match="n_y <= 200"):
+        tiny.main(["data", "--n", "1", "--n-y", "999", "--out", str(tmp_path / "keep.jsonl")])
+    assert (tmp_path / "keep.jsonl").read_text() == "keep\n"                  # a bad size does not empty --out
     r = subprocess.run([sys.executable, "tiny.py", "pretrain", "--out", str(tmp_path / "file"), *small],
                        cwd=HERE, capture_output=True, text=True)               # as a script: one line, no trace
     assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.startswith("error: --out")

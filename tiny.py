@@ -152,9 +152,9 @@ def score(problem, generated, strict=False):
 def write_jsonl(path, n, seed, n_x=N_X, n_y=N_Y, ops="+-"):
     """n problems from random.Random(seed) -> JSON lines {prompt, answer, text = prompt + trace}."""
     rng = random.Random(seed)
+    problems = [make_problem(rng, n_x, n_y, ops=ops) for _ in range(n)]   # bad sizes fail before path is opened
     with open(path, "w") as f:
-        for _ in range(n):
-            p = make_problem(rng, n_x, n_y, ops=ops)
+        for p in problems:
             f.write(json.dumps(dict(prompt=p["prompt"], answer=p["answer"], text=p["prompt"] + p["trace"])) + "\n")
 
 
