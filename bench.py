@@ -1,13 +1,17 @@
-"""Benchmarks on a CUDA GPU. `python bench.py e2e`: whole-model decode of Qwen3-4B/8B shapes
-(random weights) with dense and seer attention against Hugging Face transformers, each step
-beside its byte floor. `python bench.py kernel`: the paged block-sparse decode kernel (kernel_decode.py)
-against dense SDPA and against its own dense mode, on random bf16 data, Qwen3-4B/8B attention
-shapes (Hq 32, Hk 8, D 128). Times are medians of CUDA-graph replays (launch cost excluded, as
-in a graph-captured decode step), each replay running the call on several page tables so that
-the bytes of one call are not served from L2 by the previous one.
+"""Benchmarks on a CUDA GPU. `python bench.py e2e`: whole-model decode of Qwen3 shapes (random
+weights) with dense and seer attention against Hugging Face transformers, each step beside its
+byte floor; ours is the mean of --steps replayed CUDA-graph steps between two CUDA events (with
+each step's input copies, greedy argmax and length update), transformers' the median interval
+between its new tokens. `python bench.py kernel`: the paged block-sparse decode kernel
+(kernel_decode.py) against dense SDPA and against its own dense mode, on random bf16 data,
+Qwen3-4B/8B attention shapes (Hq 32, Hk 8, D 128); medians of CUDA-graph replays (launch cost
+excluded, as in a graph-captured decode step), each replay running the call on several disjoint
+sets of pages so that the bytes of one call are not served from L2 by the previous one.
 """
 import argparse
+import importlib.util
 import math
+import os
 import time
 
 import torch
@@ -69,16 +73,15 @@ def bench_kernel(args):
                 page_bytes = S * HK * D * 2  # one page of K (or V), all KV heads
                 kv_bytes = 2 * B * nblk * page_bytes
                 free = torch.cuda.mem_get_info()[0]
-                if 2.3 * kv_bytes > free:  # pool + contiguous SDPA copy + slack
-                    print(f"# skip S {S} batch {B} context {L}: needs {2.3 * kv_bytes / 2**30:.0f} "
+                if 2.6 * kv_bytes > free:  # pool + SDPA's contiguous K, V (and a gather's temporary) + slack
+                    print(f"# skip S {S} batch {B} context {L}: needs {2.6 * kv_bytes / 2**30:.0f} "
                           f"GiB, {free / 2**30:.0f} free")
                     continue
-                n_sets = max(1, min(16, math.ceil(L2_BYTES / kv_bytes)))
-                P = max(B * nblk, math.ceil(L2_BYTES / page_bytes / 2))
+                n_sets = min(16, math.ceil(L2_BYTES / kv_bytes))
+                P = n_sets * B * nblk                      # each set its own pages, in a random order
                 k_pages = torch.randn(P, S, HK, D, device="cuda", dtype=torch.bfloat16)
                 v_pages = torch.randn_like(k_pages)
-                tables = [torch.randperm(P, generator=gen, device="cuda")[:B * nblk]
-                          .view(B, nblk).int() for _ in range(n_sets)]
+                tables = list(torch.randperm(P, generator=gen, device="cuda").int().view(n_sets, B, nblk))
                 lengths = torch.full((B,), L, dtype=torch.int32, device="cuda")
                 q = torch.randn(B, HQ, D, device="cuda", dtype=torch.bfloat16)
 
@@ -114,11 +117,12 @@ def bench_kernel(args):
                         K = blocks[0].shape[-1]
                     # K and V of the read pages, q in and out, block ids and page-table entries
                     must = 2 * B * K * page_bytes + 2 * q.numel() * 2 + 2 * B * HK * K * 4
+                    sp = None if sp is None else 1 - K / nblk   # what was read: K whole blocks of nblk
                     row = dict(S=S, batch=B, context=L, sparsity=sp, us=us, gbs=must / us / 1e3)
                     row.update(pct=100 * row["gbs"] / copy_gbs, flash=base["flash"] / us,
                                cudnn=base["cudnn"] / us, dense=base["dense"] / us)
                     rows.append(row)
-                    spt = "dense" if sp is None else f"{sp:.2f}"
+                    spt = "dense" if sp is None else f"{sp:.3f}"
                     print(f"{S:>8} {B:>8} {L:>8} {spt:>8} {us:>8.1f} {row['gbs']:>8.0f} "
                           f"{row['pct']:>8.1f} {row['flash']:>8.2f} {row['cudnn']:>8.2f} "
                           f"{row['dense']:>8.2f}", flush=True)
@@ -130,13 +134,9 @@ def bench_kernel(args):
 
 
 def plot(rows, path, dev):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("# --plot: matplotlib is not installed, no plot written")
-        return
+    import matplotlib                                  # (main checked that it is installed)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key in sorted({(r["S"], r["batch"], r["context"]) for r in rows}):
         pts = [r for r in rows if (r["S"], r["batch"], r["context"]) == key and r["sparsity"] is not None]
@@ -164,12 +164,16 @@ def random_model(shape):
 
 def step_bytes(net, B, ctx, sparsity, S, gates):
     """Bytes one decode step must read: the weights except the embedding table (a tied lm_head
-    reads it, so then it counts), K and V of the tokens attended (the measured share), and
-    the gate keys of every complete block when seer scores them."""
+    reads it, so then it counts) and, with gates (seer), the gates' (Wk only when a page fills,
+    so once every S steps), K and V of the tokens attended (the measured share), and the gate keys
+    of every complete block."""
     cfg = net.config
-    w = sum(p.numel() * p.element_size() for n, p in net.named_parameters() if not n.startswith("embed_tokens"))
+    w = 0.0
+    for n, p in net.named_parameters():
+        if not n.startswith("embed_tokens") and (gates or ".attn_gate." not in n):
+            w += p.numel() * p.element_size() / (S if "attngate_linear_k" in n else 1)
     if cfg.tie_word_embeddings:
-        w += net.embed_tokens.weight.numel() * 2
+        w += net.embed_tokens.weight.numel() * net.embed_tokens.weight.element_size()
     L, Hk, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     kv = B * L * Hk * ctx * (1 - sparsity) * 2 * D * 2
     pooled = B * L * Hk * (ctx // S) * net.layers[0].self_attn.attn_gate.dg * 2 if gates else 0
@@ -182,20 +186,21 @@ PARTS = {"GEMMs": ("_linear_kernel", "gemm", "nvjet", "splitKreduce"), "attentio
 
 
 def kernel_profile(fn, layers, step_ms, top=16):
-    """One eager call of fn under torch.profiler, without PDL (whose kernels start early and
-    wait, so their times overlap) -> lines: kernels per layer, their total time against step_ms
+    """One eager call of fn under torch.profiler, its Triton kernels without PDL (whose kernels
+    start early and wait, so their times overlap; TileLang launches the decode kernel's combine,
+    and a sparse call's split kernel, with PDL still) -> lines: kernels per layer, their total time against step_ms
     (a replayed step with PDL: the difference is launch gaps less PDL's overlap), that time
     split by PARTS, and the kernels that take the most."""
     import kernel_step
     from torch.profiler import ProfilerActivity, profile
-    kernel_step.PDL = False
+    pdl, kernel_step.PDL = kernel_step.PDL, False
     try:
         fn()                                                 # compiles the kernels' non-PDL variants
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()
     finally:
-        kernel_step.PDL = True
+        kernel_step.PDL = pdl
     per = {}  # kernel name -> (launches, µs)
     for e in prof.events():
         if e.device_type.name == "CUDA":
@@ -342,7 +347,8 @@ def main():
     k.add_argument("--context", type=int, nargs="+", default=[8192, 32768, 65536, 131072],
                    help="context lengths in tokens (multiples of the block size)")
     k.add_argument("--sparsity", type=float, nargs="+", default=[0, 0.5, 0.8, 0.9, 0.95],
-                   help="fraction of blocks not read (the block of the new token is always read)")
+                   help="fraction of blocks not read (the block of the new token is always read), rounded "
+                        "to whole blocks: the table prints the fraction not read")
     k.add_argument("--block", type=int, nargs="+", default=[64, 128], help="page/block sizes: 16, 32, 64 or 128")
     k.add_argument("--splits", type=int, default=None, help="force the number of KV splits")
     k.add_argument("--plot", nargs="?", const="bench_kernel.png", default=None,
@@ -362,7 +368,8 @@ def main():
     e.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     e.add_argument("--hf-steps", type=int, default=32, help="decode steps timed for transformers")
     e.add_argument("--profile", action="store_true",
-                   help="after each row, the kernels of one eager decode step without PDL (torch.profiler): "
+                   help="after each row, the kernels of one eager decode step, the Triton ones without PDL "
+                        "(torch.profiler): "
                         "kernels per layer, their time against the replayed step's (with PDL: the difference is "
                         "launch gaps less PDL's overlap), split into "
                         "GEMMs / attention / seer's kernels / the rest, and the 16 kernels that take the most "
@@ -388,6 +395,10 @@ def main():
         need(args.splits is None or least <= args.splits <= kernel_decode.MAX_SPLITS,
              f"--splits: {least} to {kernel_decode.MAX_SPLITS} here (a program walks at most "
              f"{kernel_decode.CHUNK} pages), got {args.splits}")
+        if args.plot:
+            need(importlib.util.find_spec("matplotlib"), "--plot needs matplotlib (pip install matplotlib)")
+            need(os.path.isdir(os.path.dirname(os.path.abspath(args.plot))),
+                 f"--plot {args.plot}: no such directory to write it in")
     else:
         need(min(args.batch + args.context + [args.steps, args.hf_steps]) >= 1,
              "--batch, --context, --steps and --hf-steps must be >= 1")
@@ -395,6 +406,10 @@ def main():
              f"--budget: positive multiples of the block size 64, got {args.budget}")
         if args.no_hf:
             args.hf = []
+        need(not args.hf or importlib.util.find_spec("transformers"),
+             "the --hf baselines need transformers (pip install transformers), or pass --no-hf")
+        need(args.kernel != "tilelang" or importlib.util.find_spec("tilelang"),
+             "--kernel tilelang needs tilelang (pip install tilelang), or pass --kernel torch")
     for spec in args.hf if args.cmd == "e2e" else []:
         shape, *rest = spec.split(":")
         if shape not in M.SHAPES or len(rest) != 2 or not all(x.isdigit() and int(x) > 0 for x in rest):

@@ -39,7 +39,7 @@ Compiling once: one kernel per (dtype, Hq, Hk, D, S) and mode (sparse, dense), k
 _KERNELS. B, P, NBmax, K and the number of splits are TileLang dynamic dims (T.dynamic), i.e.
 runtime kernel arguments, and lengths and ids are data, so new shapes reuse the kernel.
 Bad indices: by default (check=True) lengths, page ids and block ids are validated on the
-host before launch, with a clear ValueError; that costs one device sync, which a CUDA graph
+host before launch, with a clear ValueError; that costs a few device syncs, which a CUDA graph
 cannot hold, so the decode step (ids from our own page allocator and selectors) passes
 check=False. Unchecked, the kernel still never reads out of bounds: it skips block ids past
 the sequence and clamps page ids into the pool (a wrong answer at worst, never a fault).
@@ -297,7 +297,7 @@ def _check_inputs(q, k_pages, v_pages, block_table, lengths, blocks):
 
 
 def _check_values(k_pages, block_table, lengths, blocks):
-    """Indices the kernel would skip or clamp are errors here (reads them: a device sync)."""
+    """Indices the kernel would skip or clamp are errors here (reads them: device syncs)."""
     if lengths.is_cuda and torch.cuda.is_current_stream_capturing():
         raise ValueError("decode_attention(check=True) syncs with the device; "
                          "inside CUDA graph capture pass check=False.")
@@ -320,7 +320,7 @@ def _check_values(k_pages, block_table, lengths, blocks):
 def decode_attention(q, k_pages, v_pages, block_table, lengths, blocks=None, scale=None, *,
                      check=True, splits=None):
     """Paged (block-sparse) GQA decode attention; see the module docstring for shapes.
-    check: validate lengths, page ids and block ids first (a device sync; False inside CUDA graphs).
+    check: validate lengths, page ids and block ids first (device syncs; False inside CUDA graphs).
     splits: programs per (sequence, KV head); default num_splits(...)."""
     _check_inputs(q, k_pages, v_pages, block_table, lengths, blocks)
     if check:
@@ -333,7 +333,7 @@ def decode_attention(q, k_pages, v_pages, block_table, lengths, blocks=None, sca
     kernel = get_kernel(q.dtype, Hq, Hk, D, S, blocks is None, arch)
     items = block_table.shape[1] if blocks is None else blocks.shape[2]
     least = least_splits(items)   # (num_splits keeps to it; a forced count is checked here)
-    ns = splits or num_splits(B, Hk, items, props.multi_processor_count)
+    ns = num_splits(B, Hk, items, props.multi_processor_count) if splits is None else splits
     if not least <= ns <= MAX_SPLITS:
         raise ValueError(f"splits must be in [{least}, {MAX_SPLITS}], got {ns}.")
     lse_part = torch.empty(B, Hq, ns, device=q.device, dtype=torch.float32)

@@ -261,6 +261,7 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path):
              ("bench.py kernel", "--sparsity", "1", r"--sparsity: fractions in \[0, 1\)"),
              ("bench.py kernel", "--splits", "33", r"--splits: \d+ to 32 here"),
              ("bench.py kernel", "--context", "1048576", "at most 8192 blocks per sequence"),
+             ("bench.py kernel", "--plot", "/nonexistent/x.png", "error: --plot"),
              ("generate.py", "--eval", str(tmp_path), "is a directory"),   # files: a pipe or device reads as one
              ("generate.py", "--prompts-file", "/dev/null", "holds no prompt"), ("generate.py", "--eval", "/dev/null",
                                                                                  "no records")]
