@@ -177,6 +177,7 @@ def load_gates(model, path):
         base = f" (trained for {gcfg['base_model']})" if gcfg.get("base_model") else ""
         raise ValueError(f"{path}: gate folder{base} does not fit this model: {', '.join(diff)}")
     use_norm = "model.layers.0.self_attn.attn_gate.attngate_qnorm.weight" in state
+    before = [getattr(layer.self_attn, "attn_gate", None) for layer in model.layers]   # kept if a layer fails
     attach_gates(model, dg, gcfg.get("seerattn_gate_block_size", 64), use_norm)
     p = next(model.parameters())
     for i, layer in enumerate(model.layers):
@@ -185,6 +186,8 @@ def load_gates(model, path):
             layer.self_attn.attn_gate.load_state_dict(
                 {k[len(prefix):]: v.to(p.device, p.dtype) for k, v in state.items() if k.startswith(prefix)})
         except RuntimeError as e:   # a weight missing, extra or of another shape
+            for layer, gate in zip(model.layers, before):
+                layer.self_attn.attn_gate = gate
             raise ValueError(f"{path}: layer {i}'s gate weights do not fit: {' '.join(str(e).split())}")
     return gcfg
 

@@ -156,14 +156,9 @@ def use_kernel(kind, device, net, page_sizes):
     M.decode_attention = M.decode_attention_ref
     if kind == "torch" or not device.startswith("cuda"):
         return
-    try:
-        import kernel_decode
-    except ImportError as e:
-        if kind == "tilelang":
-            raise ValueError(f"--kernel tilelang needs tilelang and CUDA: {e}")
-        return
+    import kernel_decode                                           # (it imports without tilelang)
     c, dtype = net.config, next(net.parameters()).dtype
-    why = None
+    why = None if kernel_decode.tilelang is not None else "tilelang is not installed"
     for S in page_sizes:
         why = why or kernel_decode.unsupported(dtype, c.head_dim, S, c.num_attention_heads // c.num_key_value_heads)
     if why is None:   # unchecked: our allocator and selectors make the ids, and a check would sync
@@ -171,15 +166,21 @@ def use_kernel(kind, device, net, page_sizes):
     elif kind == "tilelang":
         raise ValueError(f"--kernel tilelang: {why}")
     else:
-        print(f"[the TileLang kernel does not serve this model ({why}); decoding with the PyTorch attention]",
+        print(f"[no TileLang kernel for this run ({why}); decoding with the PyTorch attention]",
               file=sys.stderr)
 
 
-def pages_in_memory(cfg, kv_bytes, page_size, dtype):
-    """Pages that fit in kv_bytes (K and V of every layer, plus pooled keys)."""
-    elem = torch.tensor([], dtype=dtype).element_size()
-    per_page = cfg.num_hidden_layers * cfg.num_key_value_heads * (2 * page_size + 4) * cfg.head_dim * elem
-    return max(1, kv_bytes // per_page)
+def pages_in_memory(net, kv_bytes, page_size, dtype, attn):
+    """Pages that fit in kv_bytes: K and V of every layer, and the pooled keys gate.Selector keeps
+    for attn (seer: max, min, a float32 sum and the gate key; quest: max and min)."""
+    c, elem = net.config, torch.tensor([], dtype=dtype).element_size()
+    D = c.head_dim
+    pooled = 0                                                     # bytes per layer, KV head and page
+    if attn == "seer":
+        pooled = 2 * D * elem + 4 * D + net.layers[0].self_attn.attn_gate.dg * elem
+    elif attn == "quest":
+        pooled = 2 * D * elem
+    return max(1, kv_bytes // (c.num_hidden_layers * c.num_key_value_heads * (2 * page_size * D * elem + pooled)))
 
 
 def pages_needed(prompts, max_new_tokens, page_size):
@@ -242,7 +243,7 @@ def run(net, tok, eos, texts, args, attn, budget, block, graphs, on_token=None):
     num_pages = args.num_pages or pages_needed(ids, args.max_new_tokens, block)
     if args.kv_bytes:
         torch.cuda.empty_cache()                     # an --eval row before this one freed its pool
-        num_pages = pages_in_memory(net.config, args.kv_bytes, block, dtype)
+        num_pages = pages_in_memory(net, args.kv_bytes, block, dtype, attn)
     cache = M.PagedKVCache(net.config, num_pages, block, args.device, dtype)
     select = GT.Selector(attn, net, cache, budget, args.threshold)
     t0, first = time.perf_counter(), None
@@ -370,8 +371,9 @@ def main(argv=None):
         p.error(f"--kv-memory-fraction must be in (0, 1), got {args.kv_memory_fraction}")
     if args.kv_memory_fraction is not None and not args.device.startswith("cuda"):
         p.error("--kv-memory-fraction sizes the pool from free GPU memory: give --num-pages on cpu")
-    if args.eval and (args.attn or args.budget or args.threshold is not None):
-        p.error("--attn, --budget and --threshold choose one run's blocks; --eval takes --eval-attn and --eval-budgets")
+    if args.eval and (args.attn or args.budget is not None or args.threshold is not None or args.block_size):
+        p.error("--attn, --budget, --threshold and --block-size set one run's selection; --eval takes --eval-attn, "
+                "--eval-budgets and --eval-blocks")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error(f"need --temperature >= 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
     if args.block_size is not None and args.block_size < 1:
@@ -424,6 +426,8 @@ def main(argv=None):
     try:
         dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
         net = M.Qwen3.from_pretrained(args.model, device=args.device, dtype=dtype)
+        if args.kv_memory_fraction:                  # (the allocator still holds what loading merged and freed)
+            torch.cuda.empty_cache()
         args.kv_bytes = args.kv_memory_fraction and int(torch.cuda.mem_get_info()[0] * args.kv_memory_fraction)
         use_kernel(args.kernel, args.device, net, args.eval_blocks if args.eval else [args.block_size])
         tok, eos = load_tokenizer(args.model), eos_ids(args.model)

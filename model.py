@@ -450,7 +450,8 @@ def check_device(parser, device):
     except RuntimeError:
         dev = None
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and (dev.index or 0) >= gpus):
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index is not None) or \
+            (dev.type == "cuda" and (dev.index or 0) >= gpus):
         parser.error(f"--device {device}: give cpu, or cuda (cuda:N) naming one of this machine's {gpus} GPUs")
     if dev.type == "cuda" and dev.index is not None:   # (plain cuda: the current device already)
         torch.cuda.set_device(dev)

@@ -255,8 +255,9 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path):
              ("generate.py", "--block-size", "0", "--block-size must be"),
              ("generate.py", "--eval-budgets", "64,x", "integers, comma-separated"),
              ("generate.py", "--device", "tpu", "--device tpu"), ("generate.py", "--device", "cuda:64", "GPUs$"),
+             ("generate.py", "--device", "cpu:0", "--device cpu:0: give cpu"),
              ("generate.py", "--kv-memory-fraction", "0", r"--kv-memory-fraction must be in \(0, 1\)"),
-             ("generate.py --eval /dev/null", "--budget", "64", "--eval-attn and --eval-budgets"), ("bench.py e2e", "--hf", "qwen3-8b:8", "--hf qwen3-8b:8"),
+             ("generate.py --eval /dev/null", "--budget", "64", "--eval takes --eval-attn"), ("bench.py e2e", "--hf", "qwen3-8b:8", "--hf qwen3-8b:8"),
              ("bench.py e2e", "--budget", "100", "--budget: positive multiples"),
              ("bench.py kernel", "--sparsity", "1", r"--sparsity: fractions in \[0, 1\)"),
              ("bench.py kernel", "--splits", "33", r"--splits: \d+ to 32 here"),
@@ -522,6 +523,20 @@ def greedy(net, prompts, attn, budget=None, n=40, page=8):
     cache = M.PagedKVCache(net.config, 64, page)
     sel = GT.Selector(attn, net, cache, budget)
     return gen.generate(net, cache, prompts, n, select=sel), sel
+
+
+def test_kv_pool_from_a_byte_budget_fills_it_without_passing_it(tmp_path):
+    """generate.pages_in_memory (--kv-memory-fraction's pool size) against the bytes the cache and
+    each selector's pooled keys then allocate: the pages fit the budget, one more page would not."""
+    net = gated_model(tmp_path)
+    budget = 3 << 20
+    for attn in ("dense", "seer", "quest"):
+        n = gen.pages_in_memory(net, budget, 8, torch.float32, attn)
+        cache = M.PagedKVCache(net.config, n, 8)
+        GT.Selector(attn, net, cache, None if attn == "dense" else 16)
+        held = sum(t.numel() * t.element_size() for t in [cache.k, cache.v, *(cache.pooled or {}).values()])
+        per_page = held / (n + 1)                                  # (+ 1: the scratch page)
+        assert n * per_page <= budget < (n + 1) * per_page, attn
 
 
 def test_sparse_selectors_with_full_budget_equal_dense(tmp_path):
@@ -856,6 +871,9 @@ def test_gate_and_budget_bad_inputs(tmp_path):
     cfg = json.loads((tmp_path / "g" / "config.json").read_text())
     bad = tmp_path / "bad"
     bad.mkdir()
+    target = M.Qwen3.from_pretrained(str(tmp_path / "m"))
+    GT.load_gates(target, str(tmp_path / "g"))
+    kept = {k: v.clone() for k, v in GT.gate_state(target).items()}
     for config, weights, match in (
             ("{", good, "config.json: not valid JSON"),
             ({**cfg, "seerattn_use_rope": False}, good, "RoPE in the gate"),
@@ -869,7 +887,8 @@ def test_gate_and_budget_bad_inputs(tmp_path):
         else:
             save_file(weights, str(bad / "model.safetensors"))
         with pytest.raises(ValueError, match=match):
-            GT.load_gates(M.Qwen3.from_pretrained(str(tmp_path / "m")), str(bad))
+            GT.load_gates(target, str(bad))
+        assert all(torch.equal(v, kept[k]) for k, v in GT.gate_state(target).items())   # its gates as they were
     cache = M.PagedKVCache(net.config, 8, 16)
     with pytest.raises(ValueError, match="block size 8 != page size 16"):
         GT.Selector("seer", net, cache, 32)
@@ -1772,7 +1791,7 @@ def test_save_stopped_midway_leaves_the_previous_save_whole(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         tiny.save_folder(net, tok, out, dict(step=2))
     assert sorted(os.listdir(out)) == sorted(before)                       # no temp file left behind
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for f in before:
         assert (tmp_path / f).read_bytes() == before[f], f
     monkeypatch.undo()
     M.Qwen3.from_pretrained(out)                                           # still a loadable folder

@@ -151,10 +151,11 @@ def score(problem, generated, strict=False):
 
 def write_jsonl(path, n, seed, n_x=N_X, n_y=N_Y, ops="+-"):
     """n problems from random.Random(seed) -> JSON lines {prompt, answer, text = prompt + trace}."""
+    make_problem(random.Random(0), n_x, n_y, ops=ops)   # bad sizes fail here, before path is opened
     rng = random.Random(seed)
-    problems = [make_problem(rng, n_x, n_y, ops=ops) for _ in range(n)]   # bad sizes fail before path is opened
     with open(path, "w") as f:
-        for p in problems:
+        for _ in range(n):
+            p = make_problem(rng, n_x, n_y, ops=ops)
             f.write(json.dumps(dict(prompt=p["prompt"], answer=p["answer"], text=p["prompt"] + p["trace"])) + "\n")
 
 
@@ -258,18 +259,17 @@ def heldout_accuracy(net, tok, device, seq_len, n=8, seed=999_999):
 
 def save_folder(net, tok, out, log=None):
     """A Hugging Face Qwen3 folder, weights in bfloat16 (the shipped folder stays small). Every file
-    goes through a temp file and a rename, config.json and the weights last: a run stopped during a
-    periodic save keeps the previous save whole."""
+    goes through a temp file and a rename, the weights and config.json after the tokenizer files and
+    before the log: a run stopped during a periodic save keeps the previous save whole."""
     c = net.config
     ids = dict(eos_token_id=VOCAB.index(EOS), pad_token_id=VOCAB.index(PAD))
     files = {"tokenizer.json": tok.to_str(pretty=True), "generation_config.json": ids,
              "tokenizer_config.json": dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=EOS,
                                            pad_token=PAD, unk_token=UNK, clean_up_tokenization_spaces=False,
                                            model_max_length=c.max_position_embeddings)}
-    if log is not None:
-        files["pretrain_log.json"] = log
     os.makedirs(out, exist_ok=True)
-    for name, d in files.items():
+
+    def write(name, d):
         path = os.path.join(out, name)
         try:
             with open(path + ".tmp", "w") as f:
@@ -278,10 +278,14 @@ def save_folder(net, tok, out, log=None):
         finally:
             if os.path.exists(path + ".tmp"):
                 os.remove(path + ".tmp")
+    for name, d in files.items():
+        write(name, d)
     net.save_pretrained(out, torch.bfloat16, dict(
         ids, bos_token_id=None, torch_dtype="bfloat16", dtype="bfloat16", use_cache=True, attention_dropout=0.0,
         initializer_range=0.02, use_sliding_window=False, sliding_window=None,
         max_window_layers=c.num_hidden_layers, rope_scaling=None))
+    if log is not None:                                  # after the weights it describes
+        write("pretrain_log.json", log)
 
 
 def pretrain(args):
@@ -317,7 +321,7 @@ def pretrain(args):
         progress = max(step / args.steps, (time.time() - t0) / budget)
         if progress >= 1 and step:                       # one step at least: the log and save need a loss
             break
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
         for g in opt.param_groups:
             g["lr"] = lr
         ids, P = next(data)
