@@ -130,7 +130,6 @@ def bench_kernel(args):
                 torch.cuda.empty_cache()
     if args.plot:
         plot(rows, args.plot, dev)
-    return rows
 
 
 def plot(rows, path, dev):
@@ -150,16 +149,19 @@ def plot(rows, path, dev):
 
 # ---- e2e: whole-model decode ----
 
+BLOCK = 64   # e2e's page and gate block size (the published gates')
+
 def random_model(shape):
     """Qwen3 of a published shape, random bf16 weights, on the GPU (no download)."""
     import model as M
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        net = M.Qwen3(M.Qwen3Config(**M.SHAPES[shape], max_position_embeddings=131072)).eval()
-    torch.set_default_dtype(prev)
-    return net
+    try:
+        with torch.device("cuda"):
+            return M.Qwen3(M.Qwen3Config(**M.SHAPES[shape], max_position_embeddings=131072)).eval()
+    finally:
+        torch.set_default_dtype(prev)
 
 
 def step_bytes(net, B, ctx, sparsity, S, gates):
@@ -218,7 +220,7 @@ def kernel_profile(fn, layers, step_ms, top=16):
     return lines
 
 
-def bench_ours(net, B, ctx, attn, budget, steps, S=64, profile=False):
+def bench_ours(net, B, ctx, attn, budget, steps, S=BLOCK, profile=False):
     """ms per decode step (CUDA graph replays), measured sparsity, and with profile=True the
     kernel_profile lines of one eager step. The cache holds random K, V and gate keys for ctx
     tokens per sequence (prefill is not what is timed)."""
@@ -297,7 +299,7 @@ def bench_e2e(args):
     import gate as GT
     dev = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth()
-    print(f"# {dev}, torch {torch.__version__}; device-to-device copy {copy_gbs:.0f} GB/s; bf16, block 64, "
+    print(f"# {dev}, torch {torch.__version__}; device-to-device copy {copy_gbs:.0f} GB/s; bf16, block {BLOCK}, "
           f"{args.steps} decode steps after a random {{context}}-token cache; kernel {args.kernel}")
     print("# floor = bytes that must be read / copy bandwidth; ×dense = our dense step / this step")
     cols = ["shape", "batch", "context", "attn", "budget", "ms/step", "tok/s", "sparsity", "floor ms",
@@ -306,12 +308,12 @@ def bench_e2e(args):
     ours = {}   # (shape, batch, context) -> [(row name, ms per step)], for the transformers lines
     for shape in args.shape:
         net = random_model(shape)
-        GT.attach_gates(net, block_size=64)
-        gen.use_kernel(args.kernel, "cuda", net, [64])
+        GT.attach_gates(net, block_size=BLOCK)
+        gen.use_kernel(args.kernel, "cuda", net, [BLOCK])
         cfg = net.config
         for B in args.batch:
             for ctx in args.context:
-                kv = B * (ctx + args.steps + 64) * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+                kv = B * (ctx + args.steps + BLOCK) * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
                 if kv * 1.1 + (2 << 30) > torch.cuda.mem_get_info()[0]:
                     print(f"# skip {shape} batch {B} context {ctx}: the KV cache needs {kv / 2**30:.0f} GiB")
                     continue
@@ -319,7 +321,7 @@ def bench_e2e(args):
                 for attn, budget in [("dense", None)] + [("seer", b) for b in args.budget]:
                     ms, sp, prof = bench_ours(net, B, ctx, attn, budget, args.steps, profile=args.profile)
                     dense = dense or ms
-                    floor = step_bytes(net, B, ctx + args.steps // 2, sp, 64, attn == "seer") / copy_gbs / 1e6
+                    floor = step_bytes(net, B, ctx + args.steps // 2, sp, BLOCK, attn == "seer") / copy_gbs / 1e6
                     ours.setdefault((shape, B, ctx), []).append((f"{attn} {budget}" if budget else attn, ms))
                     print(f"{shape:>9} {B:>9} {ctx:>9} {attn:>9} {budget or '-':>9} {ms:>9.2f} {B * 1e3 / ms:>9.0f} "
                           f"{sp:>9.3f} {floor:>9.2f} {ms / floor:>9.2f} {dense / ms:>9.2f}", flush=True)
@@ -402,8 +404,8 @@ def main():
     else:
         need(min(args.batch + args.context + [args.steps, args.hf_steps]) >= 1,
              "--batch, --context, --steps and --hf-steps must be >= 1")
-        need(all(b >= 64 and b % 64 == 0 for b in args.budget),
-             f"--budget: positive multiples of the block size 64, got {args.budget}")
+        need(all(b >= BLOCK and b % BLOCK == 0 for b in args.budget),
+             f"--budget: positive multiples of the block size {BLOCK}, got {args.budget}")
         if args.no_hf:
             args.hf = []
         need(not args.hf or importlib.util.find_spec("transformers"),
