@@ -362,7 +362,7 @@ def main(argv=None):
                    help="cuda: size the KV pool to this share of the GPU memory free after loading the model, "
                         "instead of --num-pages (every --eval row gets the same bytes)")
     p.add_argument("--no-graph", action="store_true", help="cuda: run decode eagerly instead of in CUDA graphs")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights and cache dtype (default: bfloat16 on cuda, float32 on cpu)")
     args = p.parse_args(argv)

@@ -257,7 +257,8 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path):
              ("generate.py", "--device", "tpu", "--device tpu"), ("generate.py", "--device", "cuda:64", "GPUs$"),
              ("generate.py", "--device", "cpu:0", "--device cpu:0: give cpu"),
              ("generate.py", "--kv-memory-fraction", "0", r"--kv-memory-fraction must be in \(0, 1\)"),
-             ("generate.py --eval /dev/null", "--budget", "64", "--eval takes --eval-attn"), ("bench.py e2e", "--hf", "qwen3-8b:8", "--hf qwen3-8b:8"),
+             ("generate.py --eval /dev/null", "--budget", "64", "--eval takes --eval-attn"),
+             ("bench.py e2e", "--hf", "qwen3-8b:8", "--hf qwen3-8b:8"),
              ("bench.py e2e", "--budget", "100", "--budget: positive multiples"),
              ("bench.py kernel", "--sparsity", "1", r"--sparsity: fractions in \[0, 1\)"),
              ("bench.py kernel", "--splits", "33", r"--splits: \d+ to 32 here"),
@@ -1363,7 +1364,7 @@ def test_data_formats_skip_and_count_bad_lines_and_short_sequences(setup, capsys
         "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
 
 
-def test_train_gate_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys):
+def test_train_gate_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys, monkeypatch):
     d, model, data = setup
     bad = write_jsonl(tmp_path / "bad.jsonl", ["{oops", "[1, 2]", '{"txt": "x"}'])
     (tmp_path / "empty.txt").write_text("")
@@ -1378,11 +1379,17 @@ def test_train_gate_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys
              (["--data", data, "--eval-data", data, "--eval-seqs", "0"], "would evaluate nothing"),
              (["--data", data, "--save-every", "-1"], "--save-every must be >= 0"),
              (["--data", data, "--eval-budgets", "16,x"], "integers, comma-separated"),
-             (["--data", data, "--seq-len", "2048"], "past .* max_position_embeddings 1024")]
+             (["--data", data, "--seq-len", "2048"], "past .* max_position_embeddings 1024"),
+             (["--data", data, "--block-size", "0"], "--block-size must be >= 1")]
     for extra, msg in cases:
         with pytest.raises(SystemExit) as e:
             TG.main(["--model", model, "--out", str(tmp_path / "o"), "--block-size", "16", "--seq-len", "128", *extra])
         assert re.search(msg, f"{e.value} {capsys.readouterr().err}"), msg
+    if torch.cuda.is_available():     # under torchrun every rank takes its LOCAL_RANK's GPU, not one named here
+        with monkeypatch.context() as m, pytest.raises(SystemExit):
+            m.setenv("WORLD_SIZE", "2")
+            TG.parse(["--model", model, "--out", str(tmp_path / "o"), "--data", data, "--device", "cuda:0"])
+        assert "each rank takes cuda:LOCAL_RANK" in capsys.readouterr().err
     # --out: never over a model or gate folder, and writable, both found before any training
     (tmp_path / "file").write_text("")
     (tmp_path / "w").mkdir()

@@ -385,7 +385,7 @@ def main(argv=None):
                                                           "(use a new one with --init)")
     t.add_argument("--workers", type=int, default=8, help="processes writing training problems")
     t.add_argument("--init", help="start from this model folder's weights instead of from scratch")
-    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     args = p.parse_args(argv)
     if args.cmd == "data":
         if args.n < 1:

@@ -426,13 +426,14 @@ def parse(argv):
     a("--save-every", type=int, default=100,
       help="checkpoint every this many steps, and at the end (0: only at the end)")
     a("--seed", type=int, default=0, help="gate init and data order")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+      help="cpu, cuda or cuda:N (under torchrun: cuda, each rank on its LOCAL_RANK's GPU)")
     a("--dtype", choices=["float32", "bfloat16", "float16"],
       help="base model dtype (default: bfloat16 on cuda, float32 on cpu)")
     args = p.parse_args(argv)
-    for flag, least in (("steps", 1), ("batch", 1), ("block_size", 1), ("micro_batch", 1), ("gate_hidden", 2), ("q_chunk", 1),
-                        ("stop_after", 1), ("eval_seqs", 0), ("warmup", 0), ("eval_every", 0), ("log_every", 0),
-                        ("save_every", 0)):
+    for flag, least in (("steps", 1), ("batch", 1), ("block_size", 1), ("micro_batch", 1), ("gate_hidden", 2),
+                        ("q_chunk", 1), ("stop_after", 1), ("eval_seqs", 0), ("warmup", 0), ("eval_every", 0),
+                        ("log_every", 0), ("save_every", 0)):
         if getattr(args, flag) is not None and getattr(args, flag) < least:
             p.error(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
     if args.gate_hidden % 2:
@@ -453,6 +454,8 @@ def parse(argv):
         p.error("--eval-data with --eval-seqs 0 would evaluate nothing")
     if args.seq_len % args.block_size or args.seq_len < 2 * args.block_size:
         p.error(f"--seq-len {args.seq_len} must be a multiple of --block-size {args.block_size}, at least two blocks")
+    if world > 1 and args.device.startswith("cuda:"):
+        p.error(f"--device {args.device}: under torchrun each rank takes cuda:LOCAL_RANK; give --device cuda")
     if args.batch % (args.micro_batch * world):
         p.error(f"--batch {args.batch} must be a multiple of --micro-batch {args.micro_batch} x {world} rank(s)")
     if not 0 <= args.loss_from < 1:
