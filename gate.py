@@ -17,7 +17,6 @@ and pick_blocks here are what they replace, and what CPUs run.
 """
 import functools
 import glob
-import json
 import math
 import os
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn as nn
 
 import kernel_step
-from model import RMSNorm, cos_sin, fused, on_triton, rms_norm, rope_inv_freq, rotate, write_folder
+from model import RMSNorm, cos_sin, fused, on_triton, read_config, rms_norm, rope_inv_freq, rotate, write_folder
 
 SELECTORS = ("dense", "seer", "quest", "oracle", "window")
 GATE_EPS = 1e-6   # the gate's q/k RMSNorm epsilon
@@ -140,14 +139,7 @@ def load_gates(model, path):
     """Attach the gates of a gate folder (ours or the published layout) to model; checks they fit."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{path}: no config.json there (expected a gate folder)")
-    with open(cfg_path) as f:
-        try:
-            gcfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: not valid JSON ({e})")
+    gcfg = read_config(path, "a gate folder")
     if gcfg.get("seerattn_k_seq_pooling_type", "Kmaxminavg") != "Kmaxminavg" or \
             gcfg.get("seerattn_q_head_pooling_type", "Qproj") != "Qproj" or not gcfg.get("seerattn_use_rope", True):
         raise ValueError(f"{path}: only Kmaxminavg key pooling, Qproj query pooling and RoPE in the gate are "

@@ -194,13 +194,7 @@ def pick_gate(gate_dirs, block_size):
     """The gate folder among gate_dirs trained for this block size (gates are per block size)."""
     sizes = {}
     for d in gate_dirs:
-        try:
-            with open(os.path.join(d, "config.json")) as f:
-                sizes[json.load(f).get("seerattn_gate_block_size", 64)] = d
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{d}: no config.json there (expected a gate folder)")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{d}/config.json: not valid JSON ({e})")
+        sizes[M.read_config(d, "a gate folder").get("seerattn_gate_block_size", 64)] = d
     if block_size not in sizes:
         raise ValueError(f"no gate for block size {block_size} (have {sorted(sizes)}); "
                          f"set --block-size (--eval-blocks with --eval) or give a matching --gate")
@@ -426,9 +420,10 @@ def main(argv=None):
     try:
         dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
         net = M.Qwen3.from_pretrained(args.model, device=args.device, dtype=dtype)
-        if args.kv_memory_fraction:                  # (the allocator still holds what loading merged and freed)
-            torch.cuda.empty_cache()
-        args.kv_bytes = args.kv_memory_fraction and int(torch.cuda.mem_get_info()[0] * args.kv_memory_fraction)
+        args.kv_bytes = 0
+        if args.kv_memory_fraction:
+            torch.cuda.empty_cache()                 # the allocator still holds what loading merged and freed
+            args.kv_bytes = int(torch.cuda.mem_get_info()[0] * args.kv_memory_fraction)
         use_kernel(args.kernel, args.device, net, args.eval_blocks if args.eval else [args.block_size])
         tok, eos = load_tokenizer(args.model), eos_ids(args.model)
         graphs = args.device.startswith("cuda") and not args.no_graph

@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import os
+import tempfile
 from collections import deque
 from dataclasses import dataclass, fields
 
@@ -378,14 +379,8 @@ class Qwen3(nn.Module):
     def from_pretrained(cls, path, device="cpu", dtype=None):
         """Load a Hugging Face Qwen3 folder (config.json + one or sharded safetensors)."""
         from safetensors import SafetensorError, safe_open
+        raw = read_config(path, "a Hugging Face model folder")
         cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{path}: no config.json there (expected a Hugging Face model folder)")
-        with open(cfg_path) as f:
-            try:
-                raw = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{cfg_path}: not valid JSON ({e})")
         if raw.get("model_type") != "qwen3" and "Qwen3ForCausalLM" not in raw.get("architectures", []):
             raise ValueError(f"{cfg_path}: model_type {raw.get('model_type')!r} is not qwen3")
         cfg = Qwen3Config.from_dict(raw)
@@ -455,6 +450,30 @@ def check_device(parser, device):
         parser.error(f"--device {device}: give cpu, or cuda (cuda:N) naming one of this machine's {gpus} GPUs")
     if dev.type == "cuda" and dev.index is not None:   # (plain cuda: the current device already)
         torch.cuda.set_device(dev)
+
+
+def read_config(folder, kind):
+    """folder/config.json as a dict; a one-line error if it is missing (folder not being `kind`) or
+    not JSON."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder}: no config.json there (expected {kind})")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})")
+
+
+def check_writable(folder):
+    """Make folder if need be and create a file in it: a script's --out found unwritable before
+    any work, in one line, not at its first save."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {folder} cannot be written ({e.strerror})")
 
 
 def unreadable(path):

@@ -37,7 +37,6 @@ import math
 import multiprocessing
 import os
 import random
-import tempfile
 import time
 
 import numpy as np
@@ -321,7 +320,8 @@ def pretrain(args):
         progress = max(step / args.steps, (time.time() - t0) / budget)
         if progress >= 1 and step:                       # one step at least: the log and save need a loss
             break
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
+        cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * cosine
         for g in opt.param_groups:
             g["lr"] = lr
         ids, P = next(data)
@@ -407,12 +407,7 @@ def main(argv=None):
                 raise ValueError(f"--init {args.init}: no config.json there (expected a model folder)")
             if M.holds_model(args.out):
                 raise ValueError(f"--out {args.out} already holds a model: give a new or empty folder")
-            try:                                             # found now, not at the first save after training
-                os.makedirs(args.out, exist_ok=True)
-                with tempfile.TemporaryFile(dir=args.out):
-                    pass
-            except OSError as e:
-                raise ValueError(f"--out {args.out} cannot be written ({e.strerror})")
+            M.check_writable(args.out)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
         pretrain(args)

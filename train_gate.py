@@ -16,7 +16,8 @@ layers, times --loss-scale. Only gate parameters train (float32, AdamW); data-pa
 all-reduce their gradients. A checkpoint's files (the gate folder's, train_state.pt) are each
 written atomically, the state last; --resume continues where a run stopped (bit for bit on CPU;
 on CUDA within ~1e-7, since torch.compile's first-shape and dynamic kernels round differently),
-Ctrl-C / SIGTERM save first. Not here: FSDP (the gates are small, every rank holds them all) and sequence parallelism.
+Ctrl-C / SIGTERM save first. Not here: FSDP (the gates are small, every rank holds them all)
+and sequence parallelism.
 Shapes: T tokens, Hq/Hk query/KV heads, G = Hq // Hk, D head_dim, S block, NB = T // S complete
 blocks, C queries in a chunk.
 """
@@ -25,7 +26,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import time
 import zlib
 
@@ -340,12 +340,7 @@ def check_out(args):
         raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or pick another --out")
     if name := M.holds_model(args.out):
         raise ValueError(f"{args.out} already holds {name} (a model or gate folder): pick a new or empty --out")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=args.out):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out {args.out} cannot be written ({e})")
+    M.check_writable(args.out)
 
 
 def load_checkpoint(model, opt, args, setup):
