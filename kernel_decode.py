@@ -23,7 +23,8 @@ programmatic dependent launch, merges the splits with all loads in flight at onc
 mode the split kernel is launched early too: it starts while the kernel before it (seer's pick,
 which writes the ids) runs, and waits for it first. Qwen3-8B, batch 8 x 32K, seer 4,096, H200
 (2026-11-30): 6.14 -> 6.12 ms a step, in A/B/A runs in three calls; in dense mode, where the q/k
-kernel comes before, the same wait made the step slower (13.04 -> 13.11 ms): dense launches plainly.
+kernel comes before, the same wait makes the step slower (batch 8 / 16 x 32K: 13.07 -> 13.13 /
+22.0 -> 24.2 ms, 2026-12-03): dense launches plainly.
 
 Memory traffic: every selected page slice of K and V once (S*D*2 bytes each, shared by the G
 query heads of the group), plus q, the ids and their block-table entries; the partial buffers
