@@ -362,7 +362,7 @@ def bench_e2e(args):
               flush=True)
 
 
-def main():
+def main(argv=None):
     import model as M
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=M.CLIHelp)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -398,7 +398,7 @@ def main():
                         "launch gaps less PDL's overlap), split into "
                         "GEMMs / attention / seer's kernels / the rest, and the 16 kernels that take the most "
                         "(every per-layer kernel at Qwen3 shapes)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     def need(ok, msg):
         if not ok:
