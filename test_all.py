@@ -218,8 +218,25 @@ def test_paged_reference_matches_float64_attention():
                                    atol=1e-5, rtol=0)
 
 
-def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(M, "decode_attention", M.decode_attention)   # gen.main below may point it at the kernel
+def run_script(capsys, script, *args):
+    """`python script args` in this process (a new one is 3 s of imports), up to its SystemExit:
+    (exit code, stdout, stderr with SystemExit's message, as Python would print it). Any other
+    exception fails the caller, as a traceback would."""
+    import bench
+    name, *sub = script.split()
+    capsys.readouterr()
+    kept = M.decode_attention                            # generate.main points it at the kernel (use_kernel)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            {"generate.py": gen.main, "train_gate.py": TG.main, "bench.py": bench.main, "tiny.py": tiny.main}[name](
+                [*sub, *args])
+    finally:
+        M.decode_attention = kept
+    code, (out, err) = stop.value.code, capsys.readouterr()
+    return code, out, err + (code if isinstance(code, str) else "")
+
+
+def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         M.Qwen3.from_pretrained(str(tmp_path))
     make_hf_model(tmp_path)
@@ -271,30 +288,19 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, caps
     if not torch.cuda.is_available():
         cases += [("generate.py", "--device", "cuda", "machine's 0 GPUs"), ("bench.py kernel", "", "", "a CUDA GPU"),
                   ("generate.py", "--kv-memory-fraction", "0.5", "--num-pages on cpu")]
-    import bench
-    capsys.readouterr()
-    for script, flag, value, msg in cases:   # in this process (a new one is 3 s of imports): an exception
-        name, *args = script.split()        # other than SystemExit would fail the test, as a traceback would
-        with pytest.raises(SystemExit) as stop:
-            {"generate.py": gen.main, "bench.py": bench.main}[name]([*args, *([flag, value] if flag else [])])
-        code = stop.value.code                                   # argparse's 2, or SystemExit("error: ...")
-        err = capsys.readouterr().err + (code if isinstance(code, str) else "")
+    for script, flag, value, msg in cases:
+        code, _, err = run_script(capsys, script, *([flag, value] if flag else []))
         assert code not in (0, None) and re.search(msg, err), (script, flag, value, err)
 
 
 def test_help_shows_each_flags_default_once(capsys):
     """Every script's --help (model.CLIHelp): a flag's default appears once, added as "(default: x)"
     unless the help text already speaks of its default, and never for an unset one."""
-    import bench
-    mains = {"generate.py": gen.main, "train_gate.py": TG.main, "bench.py": bench.main, "tiny.py": tiny.main}
     for script in ("generate.py", "train_gate.py", "bench.py e2e", "bench.py kernel", "tiny.py pretrain",
                    "tiny.py data"):
-        name, *args = script.split()
-        with pytest.raises(SystemExit) as stop:
-            mains[name]([*args, "--help"])
-        out = capsys.readouterr().out
+        code, out, _ = run_script(capsys, script, "--help")
         entries = re.split(r"\n  (?=-)", out)[1:]                           # one flag each
-        assert stop.value.code == 0 and len(entries) >= 3, out
+        assert code == 0 and len(entries) >= 3, out
         for entry in entries:
             added = len(re.findall(r"\(default:\s", entry))
             assert added <= 1 and not (added and entry.count("default") > 1), (script, entry)
