@@ -25,8 +25,8 @@ def bench_graph(calls, reps=100):
     """Median µs of one call: all `calls` captured in one CUDA graph, `reps` replays each timed
     between CUDA events after a warm-up. Nothing flushes the L2 between replays: the callers'
     calls read disjoint pages, about 4x the L2 a replay. (triton's do_bench zeroes 256 MB before
-    each run, and the write-back of those dirty lines then shares HBM with the call: 9-10 µs a
-    replay on an H200, 72.1 against 63.2 µs at batch 16 x 32K x 0.9; see the README.)"""
+    each run, and the write-back of those dirty lines then shares HBM with the call: 8.6-10.8 µs
+    a replay on an H200, 72.1 against 63.2 µs at batch 16 x 32K x 0.9; see the README.)"""
     import statistics
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
