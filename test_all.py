@@ -29,6 +29,7 @@ import torch
 if not torch.cuda.is_available():   # must precede the first import of triton (by kernel_step, train_gate)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import gate as GT
 import generate as gen
 import kernel_decode
 import kernel_step as KS
@@ -37,8 +38,10 @@ import tiny
 import train_gate as TG
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DEV = "cuda" if torch.cuda.is_available() else "cpu"   # where the Triton kernels run (on a CPU: the interpreter)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 cuda_triton = pytest.mark.skipif(not torch.cuda.is_available() or TG.triton is None, reason="needs CUDA and Triton")
+needs_triton = pytest.mark.skipif(KS.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
 HAS_CUDA = torch.cuda.is_available() and kernel_decode.tilelang is not None
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and tilelang")
 
@@ -218,6 +221,18 @@ def test_paged_reference_matches_float64_attention():
                                    atol=1e-5, rtol=0)
 
 
+def run_cli(*args, fails_with=None, env=None):
+    """python *args in the repo's folder, a new process as a user runs it -> CompletedProcess. It must
+    exit 0; or, given fails_with (a regex), stop on bad input as the scripts promise: a non-zero exit,
+    the message on stderr, no traceback."""
+    r = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, env=env, timeout=600)
+    if fails_with is None:
+        assert r.returncode == 0, r.stderr[-3000:]
+    else:
+        assert r.returncode != 0 and re.search(fails_with, r.stderr) and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return r
+
+
 def run_script(capsys, script, *args):
     """`python script args` in this process (a new one is 3 s of imports), up to its SystemExit:
     (exit code, stdout, stderr with SystemExit's message, as Python would print it). Any other
@@ -265,9 +280,7 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, caps
         net.prefill([], 0, cache)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         net.prefill([1] * 1025, 0, cache)
-    r = subprocess.run([sys.executable, "generate.py", "--model", str(tmp_path), "--prompt", "hi"],
-                       cwd=HERE, capture_output=True, text=True)
-    assert r.returncode != 0 and "no tokenizer.json" in r.stderr and "Traceback" not in r.stderr
+    run_cli("generate.py", "--model", str(tmp_path), "--prompt", "hi", fails_with="no tokenizer.json")
     # flags checked before any work, each in one line (bench.py: before it looks for a GPU)
     cases = [("generate.py", "--top-p", "0", "--top-p in"), ("generate.py", "--temperature", "-1", "--temperature >= 0"),
              ("generate.py", "--block-size", "0", "--block-size must be"),
@@ -309,17 +322,20 @@ def test_help_shows_each_flags_default_once(capsys):
             assert re.search(r"0 = greedy; > 0 samples\s+\(default:\s+0\.0\)", out)
 
 
+def word_tokenizer(path):
+    """A word-level tokenizer.json in path for make_hf_model's vocab of 128: w0 .. w126, then
+    <|endoftext|> (id 127, the model's EOS, and the separator train_gate.py packs between documents)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(127)} | {"<|endoftext|>": 127}, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.save(os.path.join(path, "tokenizer.json"))
+
+
 def test_generate_cli_streams_and_reports(tmp_path):
     make_hf_model(tmp_path, vocab=128)
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {f"w{i}": i for i in range(127)} | {"<eos>": 127}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.save(str(tmp_path / "tokenizer.json"))
-    r = subprocess.run([sys.executable, "generate.py", "--model", str(tmp_path), "--prompt", "w1 w2 w3",
-                        "--max-new-tokens", "12", "--block-size", "4", "--dtype", "float32"], cwd=HERE,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    word_tokenizer(tmp_path)
+    r = run_cli("generate.py", "--model", str(tmp_path), "--prompt", "w1 w2 w3", "--max-new-tokens", "12",
+                "--block-size", "4", "--dtype", "float32")
     assert re.search(r"prompt tokens 3 \| first tokens after [\d.]+ s \| generated tokens 12 \| decode [\d.]+ tokens/s",
                      r.stdout), r.stdout
     # the streamed text is transformers' greedy continuation of the same folder
@@ -327,15 +343,19 @@ def test_generate_cli_streams_and_reports(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     want = hf.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=12, do_sample=False)[0, 3:].tolist()
     assert r.stdout.split("\n")[0].split() == [f"w{t}" for t in want], r.stdout
-    r = subprocess.run([sys.executable, "generate.py", "--model", str(tmp_path), "--prompt", "w1", "--prompt", "w5 w6",
-                        "--max-new-tokens", "5", "--temperature", "0.8", "--top-p", "0.9", "--num-pages", "1",
-                        "--block-size", "4"], cwd=HERE, capture_output=True, text=True)
-    assert r.returncode != 0 and "out of pages" in r.stderr and "Traceback" not in r.stderr
+    run_cli("generate.py", "--model", str(tmp_path), "--prompt", "w1", "--prompt", "w5 w6", "--max-new-tokens", "5",
+            "--temperature", "0.8", "--top-p", "0.9", "--num-pages", "1", "--block-size", "4", fails_with="out of pages")
 
 
 def rms_norm64(x, w, eps):
     """RMS norm over the last dim with weight w, in float64."""
     return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w.double()
+
+
+def rel_err(out, ref):
+    """The largest relative error of one output vector (a row, or a sequence's query head): one norm
+    over the whole tensor would hide a wrong long sequence behind the larger outputs of short ones."""
+    return ((out.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
 
 
 def rope64(x, pos, theta):
@@ -347,43 +367,48 @@ def rope64(x, pos, theta):
     return torch.cat([a * c - b * s, b * c + a * s], -1)
 
 
-@pytest.mark.skipif(KS.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
+@needs_triton
 @pytest.mark.parametrize("N,K", [(100, 300), (6144 + 40, 520), (16384 + 96, 130)])   # each tile shape, ragged
 def test_linear_kernel_matches_float64(N, K):
     """kernel_step.linear_kernel (a few rows times a weight, one Triton kernel; also its silu(gate) * up
     form) against float64 at 1, 5 and 16 rows, N and K not multiples of the tiles. On a GPU also
-    bf16 / fp16 (the CPU interpreter cannot dot them), and model.linear hands only no-grad calls of
-    <= 16 rows to it."""
+    bf16 / fp16 (the CPU interpreter cannot dot them)."""
     torch.manual_seed(N)
     cuda = torch.cuda.is_available()
-    dev = "cuda" if cuda else "cpu"
-    w64 = torch.randn(N, K, device=dev, dtype=torch.float64) / math.sqrt(K)
+    w64 = torch.randn(N, K, device=DEV, dtype=torch.float64) / math.sqrt(K)
     for dtype, tol in [(torch.float32, 1e-5)] + [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)] * cuda:
         w = w64.to(dtype)
         for rows in (1, 5, 16):
-            x = torch.randn(rows, K, device=dev, dtype=torch.float64).to(dtype)
+            x = torch.randn(rows, K, device=DEV, dtype=torch.float64).to(dtype)
             ref = x.double() @ w.double().T
             gate, up = ref.chunk(2, -1)
             for glu, want in ((False, ref), (True, torch.nn.functional.silu(gate) * up)):   # N / 2 gate, up rows
                 out = KS.linear_kernel(x, w, glu)
                 assert out.dtype == dtype and out.shape == want.shape
-                assert ((out.double() - want).norm() / want.norm()).item() < tol, (dtype, rows, glu)
-    if cuda:
-        w = w64.bfloat16()
-        x = torch.randn(2, 8, 1, K, device=dev).bfloat16()                 # 16 rows: the kernel
-        with torch.no_grad():
-            assert torch.equal(M.linear(x, w), KS.linear_kernel(x.view(16, K), w).view(2, 8, 1, N))
-            x17 = torch.randn(17, K, device=dev).bfloat16()                 # 17 rows: cuBLAS
-            assert torch.equal(M.linear(x17, w), torch.nn.functional.linear(x17, w))
-            assert torch.equal(M.linear(x, w, glu=True), KS.linear_kernel(x.view(16, K), w, True).view(2, 8, 1, N // 2))
-        assert torch.equal(M.linear(x[0], w), torch.nn.functional.linear(x[0], w))   # autograd on: cuBLAS
+                assert rel_err(out, want) < tol, (dtype, rows, glu)
+
+
+@cuda_triton
+def test_linear_hands_no_grad_calls_of_at_most_16_rows_to_the_kernel_on_a_gpu():
+    """model.linear's choice on a GPU, with the real kernel: no-grad bf16 calls of <= 16 rows go to
+    linear_kernel, 17 rows or autograd on to cuBLAS (the next test checks the choice on any machine)."""
+    torch.manual_seed(0)
+    K, N = 520, 6144 + 40
+    w = (torch.randn(N, K, device="cuda") / math.sqrt(K)).bfloat16()
+    x = torch.randn(2, 8, 1, K, device="cuda").bfloat16()                 # 16 rows: the kernel
+    with torch.no_grad():
+        assert torch.equal(M.linear(x, w), KS.linear_kernel(x.view(16, K), w).view(2, 8, 1, N))
+        x17 = torch.randn(17, K, device="cuda").bfloat16()                 # 17 rows: cuBLAS
+        assert torch.equal(M.linear(x17, w), torch.nn.functional.linear(x17, w))
+        assert torch.equal(M.linear(x, w, glu=True), KS.linear_kernel(x.view(16, K), w, True).view(2, 8, 1, N // 2))
+    assert torch.equal(M.linear(x[0], w), torch.nn.functional.linear(x[0], w))   # autograd on: cuBLAS
 
 
 def test_linear_hands_only_decode_sized_calls_to_the_kernel(monkeypatch):
     """model.linear's choice on any machine, the kernel replaced by a recorder and every tensor taken
     as the kernels': bf16 / fp16 calls of <= 16 rows (any leading shape) go to linear_kernel, the
-    rest to F.linear; results keep the caller's shape. (On a GPU the test
-    above also checks that calls with autograd on stay off the kernel.)"""
+    rest to F.linear; results keep the caller's shape. (On a GPU the test above also checks the
+    real kernel's calls, and that calls with autograd on stay off it.)"""
     calls = []
 
     def kernel(x, w, glu=False):
@@ -403,26 +428,25 @@ def test_linear_hands_only_decode_sized_calls_to_the_kernel(monkeypatch):
         assert y.shape == (*shape[:-1], 32 if glu else 64) and y.dtype == dtype
 
 
-@pytest.mark.skipif(KS.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
+@needs_triton
 @pytest.mark.parametrize("H", [256, 2600])
 def test_rms_norm_kernel_matches_float64_with_and_without_the_residual_add(H):
     """kernel_step.rms_norm_kernel (one program a row) against float64: (x + residual) / rms * weight, and
     the sum it returns for the next layer's residual."""
     torch.manual_seed(H)
     cuda = torch.cuda.is_available()
-    dev = "cuda" if cuda else "cpu"
     for dtype, tol in [(torch.float32, 1e-5)] + [(torch.bfloat16, 1e-2)] * cuda:
-        x, res = (torch.randn(5, H, device=dev).to(dtype) for _ in range(2))
-        w = (1 + 0.3 * torch.randn(H, device=dev)).to(dtype)
+        x, res = (torch.randn(5, H, device=DEV).to(dtype) for _ in range(2))
+        w = (1 + 0.3 * torch.randn(H, device=DEV)).to(dtype)
         for residual in (None, res):
             out, s = KS.rms_norm_kernel(x, residual, w, 1e-6)
             s64 = x.double() + (0 if residual is None else residual.double())
             want = rms_norm64(s64, w, 1e-6)
-            assert out.dtype == dtype and ((out.double() - want).norm() / want.norm()).item() < tol, (dtype, H)
-            assert s is None if residual is None else ((s.double() - s64).norm() / s64.norm()).item() < tol
+            assert out.dtype == dtype and rel_err(out, want) < tol, (dtype, H)
+            assert s is None if residual is None else rel_err(s, s64) < tol
 
 
-@pytest.mark.skipif(KS.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
+@needs_triton
 @pytest.mark.parametrize("hq,hk,D", [(4, 2, 64), (6, 2, 128)])
 def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D):
     """kernel_step.qk_norm_rope_kernel (one Triton kernel: QK RMSNorm, RoPE, K and V into their page
@@ -432,14 +456,13 @@ def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D
     Wq. 21 tokens: making shares, the kernel takes 16 a program (the second one's mostly masked),
     else one."""
     torch.manual_seed(D)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     N, P, S, theta, eps = 21, 4, 8, 1e4, 1e-6
-    qkv = (3 * torch.randn(N, (hq + 2 * hk) * D, device=dev)).bfloat16()
-    q_norm, k_norm = (torch.empty(D, device=dev).uniform_(0.5, 1.5).bfloat16() for _ in range(2))
-    pos = torch.tensor([0, 3, 17, 100, 4000] + list(range(200, 216)), device=dev)
+    qkv = (3 * torch.randn(N, (hq + 2 * hk) * D, device=DEV)).bfloat16()
+    q_norm, k_norm = (torch.empty(D, device=DEV).uniform_(0.5, 1.5).bfloat16() for _ in range(2))
+    pos = torch.tensor([0, 3, 17, 100, 4000] + list(range(200, 216)), device=DEV)
     cos, sin = M.cos_sin(pos, D, theta, torch.bfloat16)
-    k_pages, v_pages = (torch.full((P, S, hk, D), 7.0, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    slots = torch.randperm(P * S, device=dev)[:N]
+    k_pages, v_pages = (torch.full((P, S, hk, D), 7.0, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    slots = torch.randperm(P * S, device=DEV)[:N]
     q, k, qr, kr, v, none = KS.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages,
                                                    slots)
     x = qkv.double().view(N, hq + 2 * hk, D)
@@ -448,22 +471,19 @@ def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D
     for got, want in ((q, q64), (k, k64), (qr, rope64(q64, at, theta)), (kr, rope64(k64, at, theta))):
         assert ((got.double() - want).abs().max() / want.abs().max()).item() < 2e-2   # bf16: ~2 ulps
     assert torch.equal(v, x[:, hq + hk:].bfloat16()) and none is None                # V: qkv's last hk heads
-    wq = GT.AttnGate(hk, hq // hk, D, 32, S, True, theta).to(dev, torch.bfloat16).attngate_linear_q.weight
+    wq = GT.AttnGate(hk, hq // hk, D, 32, S, True, theta).to(DEV, torch.bfloat16).attngate_linear_q.weight
     *no_pages, shares = KS.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, wq=wq)   # no cache
     assert all(torch.equal(a, b) for a, b in zip(no_pages, (q, k, qr, kr, v)))   # as above, 16 tokens a program
     want = torch.einsum("nhd,hde->nhe", q.double(), wq.double().view(hq, D, 32))   # of the bf16 normed q
     assert shares.dtype == torch.float32 and torch.allclose(shares.double(), want, rtol=1e-5, atol=1e-5)
     k_flat, v_flat = k_pages.view(-1, hk, D), v_pages.view(-1, hk, D)
     assert torch.equal(k_flat[slots], kr) and torch.equal(v_flat[slots], v)
-    others = torch.ones(P * S, dtype=torch.bool, device=dev)
+    others = torch.ones(P * S, dtype=torch.bool, device=DEV)
     others[slots] = False
     assert (k_flat[others] == 7).all() and (v_flat[others] == 7).all()
 
 
 # ---- the gate, pooled keys and selectors (gate.py, and kernel_step.seer_pick) ----
-
-import gate as GT
-
 
 def test_gate_scores_match_explicit_float64_computation():
     torch.manual_seed(4)
@@ -523,13 +543,9 @@ def test_pooled_keys_incremental_decode_equal_prefill(tmp_path, dev, monkeypatch
             pp, pd = cache.pages["p"], cache.pages["d"]
             n = 3 if name == "gate_k" else 4                 # gate keys exist for full pages only
             assert torch.allclose(buf[:, pp[:n]], buf[:, pd[:n]], atol=1e-5 if dev == "cpu" else 1e-4), name
-        D = net.config.head_dim
         k = cache.k[:, cache.pages["p"]].double().flatten(1, 2)[:, :29].cpu()     # [L, 29, Hk, D] post-RoPE
         if attn == "seer":
-            ang = torch.arange(29.0, dtype=torch.float64)[:, None] / net.config.rope_theta ** (
-                torch.arange(0, D, 2, dtype=torch.float64) / D)                  # [29, D / 2]
-            cos, sin = ang.cos().repeat(1, 2)[:, None], ang.sin().repeat(1, 2)[:, None]
-            k = k * cos - torch.cat([-k[..., D // 2:], k[..., :D // 2]], -1) * sin   # rotated back
+            k = rope64(k, -torch.arange(29.0, dtype=torch.float64)[:, None, None], net.config.rope_theta)  # rotated back
         want = [torch.stack([f(k[:, j * 8:(j + 1) * 8], 1) for j in range(4)], 1)  # [L, 4 blocks, Hk, D]
                 for f in (torch.amax, torch.amin, torch.sum)]
         names = ("kmax", "kmin", "ksum") if attn == "seer" else ("qmax", "qmin")
@@ -599,15 +615,11 @@ def test_oracle_picks_blocks_of_highest_true_attention_and_quest_bounds_qk(tmp_p
                     assert set(blocks[0, h].tolist()) - {-1} == want
                 else:
                     bounds = []
-                    for j in range(cur + 1):
-                        page = int(table[0, j])
-                        kmax = cache.pooled["qmax"][layer, page, h].double()
-                        kmin = cache.pooled["qmin"][layer, page, h].double()
-                        bound = torch.maximum(qh * kmax, qh * kmin).sum(-1)    # [G]
-                        true = qh @ k[j * S:min(L, (j + 1) * S), h].T           # [G, tokens]
-                        assert (bound[:, None] >= true - 1e-4).all()
+                    for j in range(cur):                                        # Quest's bound from the block's keys
+                        kj = k[j * S:(j + 1) * S, h]                            # [S, D]
+                        bound = torch.maximum(qh * kj.amax(0), qh * kj.amin(0)).sum(-1)   # [G]
                         bounds.append(bound.max())                              # the group's largest bound
-                    top = torch.stack(bounds[:cur]).topk(4)                     # the 3 of the budget, then the next
+                    top = torch.stack(bounds).topk(4)                           # the 3 of the budget, then the next
                     assert top.values[2] - top.values[3] > 1e-4                 # no near-tie at the cut
                     assert set(blocks[0, h].tolist()) - {-1} == set(top.indices[:3].tolist()) | {cur}
         captured.clear()
@@ -665,7 +677,7 @@ def test_seer_decode_picks_the_top_blocks_of_the_training_view_scores(tmp_path, 
             assert set(blocks[0, h].tolist()) - {-1} == set(top.indices[:3].tolist()) | {69 // 8}, (i, h)
 
 
-@pytest.mark.skipif(KS.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
+@needs_triton
 @pytest.mark.parametrize("dg,S,NB,G", [(32, 16, 300, 2), (128, 64, 512, 4), (128, 64, 1500, 1), (64, 32, 7, 3)])
 def test_seer_pick_kernel_matches_float64_topk_and_threshold(dg, S, NB, G):
     """kernel_step.seer_pick (the gate query from the group's shares, the gather, scores, top-k / threshold
@@ -675,34 +687,33 @@ def test_seer_pick_kernel_matches_float64_topk_and_threshold(dg, S, NB, G):
     identity) make every score exact, ties at the cut included. Then with the gate's RMS norm and
     RoPE at each row's token, up to the bf16 rounding of the gate query."""
     torch.manual_seed(dg + NB)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     B, Hk, theta = 6, 2, 1e4
     P = B * NB + 5
-    gate_k = torch.randn(P, Hk, dg, device=dev).bfloat16()
+    gate_k = torch.randn(P, Hk, dg, device=DEV).bfloat16()
     gate_k[::3] = gate_k[::3].round()                        # some exactly equal scores
-    table = torch.randperm(P, device=dev)[:B * NB].view(B, NB).int()
-    lengths = torch.tensor([0, 1, S - 3, 4 * S, NB * S, NB * S // 2 + 7], dtype=torch.int32, device=dev)
+    table = torch.randperm(P, device=DEV)[:B * NB].view(B, NB).int()
+    lengths = torch.tensor([0, 1, S - 3, 4 * S, NB * S, NB * S // 2 + 7], dtype=torch.int32, device=DEV)
     # the new keys, pooled into their own (current) page's stats on the way: no score here reads that page
     page = table.gather(1, ((lengths.long() - 1).clamp(min=0) // S)[:, None])[:, 0].long()
-    x = torch.randn(B, Hk, 8, device=dev).bfloat16()
-    stats = [torch.zeros(P, Hk, 8, device=dev, dtype=dt) for dt in (torch.bfloat16, torch.bfloat16, torch.float32)]
+    x = torch.randn(B, Hk, 8, device=DEV).bfloat16()
+    stats = [torch.zeros(P, Hk, 8, device=DEV, dtype=dt) for dt in (torch.bfloat16, torch.bfloat16, torch.float32)]
     # the norm and RoPE do not depend on the row's length: on the CPU not at 1,500 blocks, whose ten calls took 138 s
     # in Triton's interpreter on 2 cores (~1,100 scoring programs a call)
-    freq = GT.inv_freq(dg, theta, torch.device(dev))
-    for norm in (False, True) if NB <= 512 or dev == "cuda" else (False,):
-        gate = GT.AttnGate(Hk, G, 8, dg, S, norm, theta).to(dev, torch.bfloat16)
+    freq = GT.inv_freq(dg, theta, torch.device(DEV))
+    for norm in (False, True) if NB <= 512 or DEV == "cuda" else (False,):
+        gate = GT.AttnGate(Hk, G, 8, dg, S, norm, theta).to(DEV, torch.bfloat16)
         if norm:
             gate.attngate_qnorm.weight.data.uniform_(0.5, 1.5)
-            shares, pos = torch.randn(B, Hk * G, dg, device=dev), (lengths - 1).clamp(min=0)
+            shares, pos = torch.randn(B, Hk * G, dg, device=DEV), (lengths - 1).clamp(min=0)
             gq = norm_rope64(shares.double().view(B, Hk, G, dg).sum(2), gate.qnorm_weight, pos[:, None, None], theta)
             tol, margin = 2e-2, 5e-2       # of the largest score; of the threshold
         else:
-            shares, pos = torch.randint(-2, 3, (B, Hk * G, dg), device=dev).float(), torch.zeros_like(lengths)
+            shares, pos = torch.randint(-2, 3, (B, Hk * G, dg), device=DEV).float(), torch.zeros_like(lengths)
             gq = shares.double().view(B, Hk, G, dg).sum(2)
             tol, margin = 1e-3, 1e-4
         s64 = torch.einsum("bhe,bjhe->bhj", gq, gate_k[table.long()].double())    # [B, Hk, NB]
         for k, thr in ((1, 0.0), (3, 0.0), (min(NB, 40), 0.0), (NB, 0.0), (0, 0.01)):
-            read, total = (torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(2))
+            read, total = (torch.zeros(1, dtype=torch.float64, device=DEV) for _ in range(2))
             out = KS.seer_pick(shares, x, pos, page, gate, freq, *stats, gate_k, table, lengths, S, k, thr, read, total)
             out = out.cpu()
             want_read = want_total = 0
@@ -735,7 +746,7 @@ def norm_rope64(g, norm, pos, theta):
     return rope64(rms_norm64(g, norm, GT.GATE_EPS) if norm is not None else g, pos, theta)
 
 
-@pytest.mark.skipif(KS.triton is None, reason="needs triton (without a GPU: its CPU interpreter)")
+@needs_triton
 @pytest.mark.parametrize("D,dg,S,G,norm", [(64, 32, 8, 2, True), (128, 128, 64, 4, False), (64, 64, 16, 3, True)])
 def test_seer_pick_kernel_pools_keys_and_makes_gate_keys_as_float64(D, dg, S, G, norm):
     """kernel_step.seer_pick, fed one decode step at a time (three sequences, shuffled pages, stale stats
@@ -743,26 +754,25 @@ def test_seer_pick_kernel_pools_keys_and_makes_gate_keys_as_float64(D, dg, S, G,
     gate key as a float64 computation written here gives them: [max | min | mean] @ Wk, RMS
     norm, RoPE at the block start. Pages it was not given stay untouched."""
     torch.manual_seed(D + S)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     B, Hk, theta, T = 3, 2, 1e4, 2 * S + 3
-    gate = GT.AttnGate(Hk, G, D, dg, S, norm, theta).to(dev, torch.bfloat16)
+    gate = GT.AttnGate(Hk, G, D, dg, S, norm, theta).to(DEV, torch.bfloat16)
     if norm:
         gate.attngate_knorm.weight.data.uniform_(0.5, 1.5)
         gate.attngate_qnorm.weight.data.uniform_(0.5, 1.5)
     P = B * 3 + 1
-    stale = lambda dt: torch.randn(P, Hk, D, device=dev).to(dt)         # pages come back with old stats
+    stale = lambda dt: torch.randn(P, Hk, D, device=DEV).to(dt)         # pages come back with old stats
     kmax, kmin, ksum = stale(torch.bfloat16), stale(torch.bfloat16), stale(torch.float32)
     unused = kmax[P - 1].clone()
-    gate_k = torch.full((P, Hk, dg), 7.0, device=dev, dtype=torch.bfloat16)
-    pages = torch.randperm(P - 1, device=dev)[:B * 3].view(B, 3)       # page P - 1 is never used
+    gate_k = torch.full((P, Hk, dg), 7.0, device=DEV, dtype=torch.bfloat16)
+    pages = torch.randperm(P - 1, device=DEV)[:B * 3].view(B, 3)       # page P - 1 is never used
     table = pages.int()
-    keys = torch.randn(T, B, Hk, 2 * D, device=dev).bfloat16()[..., :D]   # heads strided, as a split of qkv can be
-    shares = torch.randn(B, Hk * G, dg, device=dev)
-    read, total = (torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(2))
-    freq = GT.inv_freq(dg, theta, torch.device(dev))
+    keys = torch.randn(T, B, Hk, 2 * D, device=DEV).bfloat16()[..., :D]   # heads strided, as a split of qkv can be
+    shares = torch.randn(B, Hk * G, dg, device=DEV)
+    read, total = (torch.zeros(1, dtype=torch.float64, device=DEV) for _ in range(2))
+    freq = GT.inv_freq(dg, theta, torch.device(DEV))
     for t in range(T):
-        pos = torch.full((B,), t, device=dev)
-        lengths = torch.full((B,), t + 1, dtype=torch.int32, device=dev)
+        pos = torch.full((B,), t, device=DEV)
+        lengths = torch.full((B,), t + 1, dtype=torch.int32, device=DEV)
         KS.seer_pick(shares, keys[t], pos, pages[:, t // S], gate, freq, kmax, kmin, ksum, gate_k, table, lengths,
                      S, 1, 0.0, read, total)
     wk = gate.attngate_linear_k.weight.double()                        # [Hk, 3D, dg]
@@ -783,7 +793,7 @@ def test_seer_pick_kernel_pools_keys_and_makes_gate_keys_as_float64(D, dg, S, G,
 
 
 SM90_BUILD = """
-import triton, kernel_step as KS
+import triton, kernel_step as KS, train_gate as TG
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 ptr, i32, f32 = "*bf16", "i32", "fp32"
@@ -811,6 +821,9 @@ for dg, rows in ((0, 1), (128, KS.QK_ROWS)):   # without and with the gate-query
 for add in (False, True):
     build(KS._rms_norm_kernel, dict(x=ptr, res=ptr, w=ptr, out=ptr, s_out=ptr, H=i32, eps=f32),
           dict(BH=4096, ADD=add, PDL=True))
+build(TG._block_stats_kernel, dict(Q=ptr, K=ptr, BMAX="*fp32", BLSE="*fp32", LSE="*fp32", t0=i32, n_rows=i32,
+                                   scale=f32, sq_t=i32, sq_h=i32, sk_t=i32, sk_h=i32, so_h=i32, so_j=i32),
+      dict(G=4, D=128, S=64, BLOCK_M=64, WITH_BLSE=True))   # training's target kernel
 print("built")
 """
 
@@ -821,9 +834,7 @@ def test_triton_kernels_compile_for_sm90():
     """The interpreter runs the kernels' Python; this checks they also lower to sm_90 code
     (Triton compiles without a GPU), in a process without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", SM90_BUILD], cwd=HERE, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0 and "built" in r.stdout, r.stderr[-3000:]
+    assert "built" in run_cli("-c", SM90_BUILD, env=env).stdout
 
 
 class Spy:
@@ -982,10 +993,6 @@ def run_kernel(q, k_pages, v_pages, table, lengths, blocks, **kw):
     return kernel_decode.decode_attention(*dev, **kw).cpu()
 
 
-def rel_err(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
-
-
 # (dtype, D, S, G): every dtype, head dim, page size and G = 1..8 appear, not the full product
 CONFIGS = [
     (torch.bfloat16, 128, 64, 4), (torch.bfloat16, 128, 16, 1), (torch.bfloat16, 64, 32, 8),
@@ -1116,13 +1123,9 @@ def test_decode_kernel_compiles_for_sm90_at_model_shapes(dense):
 # ---- gate training (train_gate.py) ----
 
 def peaked_model(path):
-    """make_hf_model(peaked=True), head dim 32, with a word-level tokenizer.json (w0 .. w126, then
-    <|endoftext|>, the separator packing puts between documents)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """make_hf_model(peaked=True), head dim 32, with word_tokenizer's tokenizer.json."""
     make_hf_model(path, d=32, peaked=True)
-    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(127)} | {"<|endoftext|>": 127}, unk_token="w0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.save(os.path.join(path, "tokenizer.json"))
+    word_tokenizer(path)
     return str(path)
 
 
@@ -1182,25 +1185,28 @@ def test_fused_target_matches_float64_reference_cpu():
     check_target(TG.block_stats_torch, torch.float32, "cpu", 1e-5)
 
 
-@cuda_triton
+@needs_triton
 def test_fused_target_matches_float64_reference_triton():
-    check_target(TG.block_stats_triton, torch.bfloat16, "cuda", 1e-4)   # reference from the same bf16 inputs
+    if DEV == "cuda":
+        check_target(TG.block_stats_triton, torch.bfloat16, "cuda", 1e-4)   # reference from the same bf16 inputs
+    else:
+        check_target(TG.block_stats_triton, torch.float32, "cpu", 1e-5)    # the interpreter cannot dot bf16
 
 
-def test_train_layer_kl_is_the_float64_kl_of_target_and_gate():
+@pytest.mark.parametrize("loss_from,first", [(0.0, 8), (0.5, 36)])   # the first row counted, written out
+def test_train_layer_kl_is_the_float64_kl_of_target_and_gate(loss_from, first):
     """train_layer's summed KL(target || gate), chunk by chunk, against float64 row by row: naive_target
-    and a log-softmax of AttnGate.scores over the same complete blocks; and its gradient reaches every
+    and a log-softmax of AttnGate.scores over the same complete blocks, over rows from the first with a
+    complete block before it (S) or from loss_from of the sequence; and its gradient reaches every
     gate weight."""
-    import gate as GT
     torch.manual_seed(5)
     S, T, Hk, G, D = 8, 72, 2, 2, 16
     gate = GT.AttnGate(Hk, G, D, 8, S, True, 100.0)
     q, k = torch.randn(T, Hk * G, D), torch.randn(T, Hk, D)
-    kl = TG.train_layer(gate, q, k, q, k, 0.0, 16, 1.0)                 # (no RoPE: the same q, k both ways)
+    kl = TG.train_layer(gate, q, k, q, k, loss_from, 16, 1.0)           # (no RoPE: the same q, k both ways)
     scores = gate.scores(q, k).detach().double()                         # [T, Hk, NB]
-    a, b = TG.counted_rows(T, S, 0.0)
     want = 0.0
-    for t in range(max(a, S), b):                                        # rows with a complete block before
+    for t in range(first, T):
         tgt, logp = naive_target(q, k, S, t), scores[t, :, :t // S].log_softmax(-1)
         want += float((torch.xlogy(tgt, tgt) - tgt * logp).sum())
     assert want > 0 and abs(kl.item() - want) < 1e-4 * want, (kl.item(), want)
@@ -1212,7 +1218,6 @@ def test_recall_and_far_needle_counts_match_a_float64_reference():
     attention), how many each selection's top blocks hold, and its recall, row by row against
     explicit float64 attention, a float64 Quest bound and AttnGate.scores' ranking (checked
     against float64 in its own test). Rows from 80 on are made to look up block 3."""
-    import gate as GT
     torch.manual_seed(3)
     S, T, Hk, G, D = 8, 120, 2, 2, 16
     gate = GT.AttnGate(Hk, G, D, 8, S, True, 100.0)
@@ -1244,7 +1249,7 @@ def test_recall_and_far_needle_counts_match_a_float64_reference():
     assert 0 < found["gate", 16] < found["gate", 32], found
     assert [sums[name, budget, "far"] for name, budget in found] == list(found.values()), found
     # recall: the group's attention mass (per head, averaged over G) in the top blocks plus the row's own
-    a, b = TG.counted_rows(T, S, 0.0)
+    a, b = S, T                                                          # loss_from 0: rows from the first full block
     mass = blocks.sum(-1).sum(2) / G                                     # [T, Hk, NB]
     assert sums["n"] == (b - a) * Hk
     for name, rank in rankings.items():
@@ -1354,10 +1359,8 @@ def test_failed_save_leaves_previous_checkpoint_intact(setup, monkeypatch):
 def test_trained_gate_folder_runs_in_generate_seer(setup):
     d, model, data = setup
     TG.main(base_args(model, data, d / "gen", "--steps", "2", "--eval-seqs", "0"))
-    r = subprocess.run([sys.executable, "generate.py", "--model", model, "--gate", str(d / "gen"), "--attn", "seer",
-                        "--budget", "32", "--block-size", "16", "--max-new-tokens", "8",
-                        "--prompt", " ".join(word_docs(1, 60)[0].split())], cwd=HERE, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    r = run_cli("generate.py", "--model", model, "--gate", str(d / "gen"), "--attn", "seer", "--budget", "32",
+                "--block-size", "16", "--max-new-tokens", "8", "--prompt", " ".join(word_docs(1, 60)[0].split()))
     assert "attn seer block 16 budget 32" in r.stdout
 
 
@@ -1382,7 +1385,7 @@ def test_data_formats_skip_and_count_bad_lines_and_short_sequences(setup, capsys
         "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
 
 
-def test_train_gate_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys, monkeypatch):
+def test_train_gate_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys):
     d, model, data = setup
     bad = write_jsonl(tmp_path / "bad.jsonl", ["{oops", "[1, 2]", '{"txt": "x"}'])
     (tmp_path / "empty.txt").write_text("")
@@ -1403,11 +1406,6 @@ def test_train_gate_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys
         with pytest.raises(SystemExit) as e:
             TG.main(["--model", model, "--out", str(tmp_path / "o"), "--block-size", "16", "--seq-len", "128", *extra])
         assert re.search(msg, f"{e.value} {capsys.readouterr().err}"), msg
-    if torch.cuda.is_available():     # under torchrun every rank takes its LOCAL_RANK's GPU, not one named here
-        with monkeypatch.context() as m, pytest.raises(SystemExit):
-            m.setenv("WORLD_SIZE", "2")
-            TG.parse(["--model", model, "--out", str(tmp_path / "o"), "--data", data, "--device", "cuda:0"])
-        assert "each rank takes cuda:LOCAL_RANK" in capsys.readouterr().err
     # --out: never over a model or gate folder, and writable, both found before any training
     (tmp_path / "file").write_text("")
     (tmp_path / "w").mkdir()
@@ -1416,19 +1414,27 @@ def test_train_gate_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys
                      (tmp_path / "file" / "o", "cannot be written")]:
         with pytest.raises(SystemExit, match=msg):
             TG.main(["--model", model, "--out", str(out), "--data", data, "--block-size", "16", "--seq-len", "128"])
-    r = subprocess.run([sys.executable, "train_gate.py", "--model", model, "--out", str(tmp_path / "o"), "--data", bad,
-                        "--seq-len", "128"], cwd=HERE, capture_output=True, text=True)   # as a script: one line, no trace
-    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.startswith("error: no usable text")
+    run_cli("train_gate.py", "--model", model, "--out", str(tmp_path / "o"), "--data", bad, "--seq-len", "128",
+            fails_with="^error: no usable text")                                  # as a script: one line, no trace
+
+
+@cuda
+def test_train_gate_under_torchrun_refuses_a_named_gpu(setup, tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank takes its LOCAL_RANK's GPU, not one named by --device (a CPU machine
+    refuses --device cuda:0 before this check)."""
+    _, model, data = setup
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        TG.parse(["--model", model, "--out", str(tmp_path / "o"), "--data", data, "--device", "cuda:0"])
+    assert "each rank takes cuda:LOCAL_RANK" in capsys.readouterr().err
 
 
 def test_two_ranks_over_gloo_match_one_process(setup):
     d, model, data = setup
     cpu = ["--steps", "3", "--batch", "4", "--device", "cpu"]       # gloo on any machine (a GPU host may have one GPU)
     TG.main(base_args(model, data, d / "one", *cpu))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29517", "train_gate.py", *base_args(model, data, d / "two", *cpu)],
-                       cwd=HERE, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "train_gate.py",
+            *base_args(model, data, d / "two", *cpu), env={**os.environ, "OMP_NUM_THREADS": "1"})
     one, two = read_gates(d / "one"), read_gates(d / "two")
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
 
@@ -1613,24 +1619,32 @@ def test_training_stream_is_the_same_for_any_number_of_workers():
 
 def test_data_cli_writes_problems(tmp_path):
     out = tmp_path / "d.jsonl"
-    r = subprocess.run([sys.executable, "tiny.py", "data", "--n", "2", "--seed", "1", "--out", str(out)],
-                       cwd=HERE, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    run_cli("tiny.py", "data", "--n", "2", "--seed", "1", "--out", str(out))
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(recs) == 2 and all(tiny.score(r, r["text"][len(r["prompt"]):])[0] for r in recs)
-    r = subprocess.run([sys.executable, "tiny.py", "data", "--n", "1", "--n-y", "999", "--out", str(out)],
-                       cwd=HERE, capture_output=True, text=True)
-    assert r.returncode != 0 and "n_y" in r.stderr and "Traceback" not in r.stderr
+    run_cli("tiny.py", "data", "--n", "1", "--n-y", "999", "--out", str(out), fails_with="n_y")
+
+
+def ours_equals_transformers(path, problem):
+    """A tiny.py model folder loaded by ours and by transformers (float32, <= 5M parameters): our
+    logits for the problem's prompt and trace equal transformers'. -> (ours, ids [1, T], logits)."""
+    import transformers
+    from tokenizers import Tokenizer
+    ours = M.Qwen3.from_pretrained(path, dtype=torch.float32)
+    assert sum(p.numel() for p in ours.parameters()) <= 5e6
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    text = problem["prompt"] + problem["trace"]
+    ids = torch.tensor([Tokenizer.from_file(os.path.join(path, "tokenizer.json")).encode(text).ids])
+    with torch.no_grad():
+        logits = ours(ids)
+        torch.testing.assert_close(logits, hf(ids).logits, atol=1e-4, rtol=1e-4)
+    return ours, ids, logits
 
 
 def test_pretrain_smoke_folder_loads_in_ours_and_transformers_with_equal_logits(tmp_path):
-    import model as M
-    transformers = pytest.importorskip("transformers")
     out = tmp_path / "tiny"
-    r = subprocess.run([sys.executable, "tiny.py", "pretrain", "--out", str(out), "--steps", "3", "--batch", "2",
-                        "--seq-len", "256", "--warmup", "1", "--eval-every", "2", "--device", "cpu", "--workers", "2"],
-                       cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_cli("tiny.py", "pretrain", "--out", str(out), "--steps", "3", "--batch", "2", "--seq-len", "256", "--warmup",
+            "1", "--eval-every", "2", "--device", "cpu", "--workers", "2")
     for f in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "pretrain_log.json"):
         assert (out / f).is_file(), f
     cfg = json.loads((out / "config.json").read_text())
@@ -1638,45 +1652,23 @@ def test_pretrain_smoke_folder_loads_in_ours_and_transformers_with_equal_logits(
     assert cfg["num_attention_heads"] // cfg["num_key_value_heads"] >= 2
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tiny.VOCAB.index(tiny.EOS)
     assert (out / "model.safetensors").stat().st_size < 10e6
-    ours = M.Qwen3.from_pretrained(str(out), dtype=torch.float32)
-    assert sum(p.numel() for p in ours.parameters()) <= 5e6
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    from tokenizers import Tokenizer
-    p = tiny.make_problem(random.Random(3), 10, 4)
-    ids = torch.tensor([Tokenizer.from_file(str(out / "tokenizer.json")).encode(p["prompt"] + p["trace"]).ids])
-    with torch.no_grad():
-        a, b = ours(ids), hf(ids).logits
-    assert a.shape == b.shape == (1, ids.shape[1], cfg["vocab_size"])
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    _, ids, logits = ours_equals_transformers(str(out), tiny.make_problem(random.Random(3), 10, 4))
+    assert logits.shape == (1, ids.shape[1], cfg["vocab_size"])
     # a run continues from the saved folder
-    r = subprocess.run([sys.executable, "tiny.py", "pretrain", "--out", str(tmp_path / "more"), "--init", str(out),
-                        "--steps", "1", "--batch", "1", "--seq-len", "256", "--device", "cpu"],
-                       cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_cli("tiny.py", "pretrain", "--out", str(tmp_path / "more"), "--init", str(out), "--steps", "1", "--batch", "1",
+            "--seq-len", "256", "--device", "cpu")
     assert (tmp_path / "more" / "model.safetensors").is_file()
     # and never over a model folder
     before = (out / "model.safetensors").read_bytes()
-    r = subprocess.run([sys.executable, "tiny.py", "pretrain", "--out", str(out), "--steps", "1", "--device", "cpu"],
-                       cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "already holds a model" in r.stderr and "Traceback" not in r.stderr
+    run_cli("tiny.py", "pretrain", "--out", str(out), "--steps", "1", "--device", "cpu", fails_with="already holds a model")
     assert (out / "model.safetensors").read_bytes() == before
 
 
 def test_shipped_tiny_folder_and_gates_load_in_ours_and_transformers_with_equal_logits():
-    import gate as GT
-    import model as M
-    transformers = pytest.importorskip("transformers")
     path = os.path.join(HERE, "tiny")
     assert sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) < 10e6
-    ours = M.Qwen3.from_pretrained(path, dtype=torch.float32)
-    assert sum(p.numel() for p in ours.parameters()) <= 5e6
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    from tokenizers import Tokenizer
     p = tiny.make_problem(random.Random(3), 30, 8)
-    ids = torch.tensor([Tokenizer.from_file(os.path.join(path, "tokenizer.json")).encode(p["prompt"] + p["trace"]).ids])
-    with torch.no_grad():
-        logits = ours(ids)
-        torch.testing.assert_close(logits, hf(ids).logits, atol=1e-4, rtol=1e-4)
+    ours, ids, logits = ours_equals_transformers(path, p)
     # it learned the task's lookups: after "; name" in the trace, the next token is that name's value
     words = re.findall(r"\n|[^ \n]+", p["prompt"] + p["trace"])      # one token per word
     assert len(words) == ids.shape[1]
@@ -1690,9 +1682,7 @@ def test_shipped_tiny_folder_and_gates_load_in_ours_and_transformers_with_equal_
 
 
 def test_default_generate_runs_end_to_end_on_the_shipped_model():
-    r = subprocess.run([sys.executable, "generate.py", "--seed", "3", "--max-new-tokens", "120"],
-                       cwd=HERE, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("generate.py", "--seed", "3", "--max-new-tokens", "120")
     out = r.stdout
     assert "[tiny task, problem seed 3]" in out
     assert re.search(r"\[answer (correct|WRONG) \(expected \d\) \| steps correct \d+/120\]", out)
@@ -1704,10 +1694,8 @@ def test_default_generate_runs_end_to_end_on_the_shipped_model():
 def test_eval_mode_scores_problems_and_prints_every_row(tmp_path):
     data = tmp_path / "p.jsonl"
     tiny.write_jsonl(str(data), 3, seed=5, n_x=40, n_y=6)
-    r = subprocess.run([sys.executable, "generate.py", "--eval", str(data), "--task", "tiny", "--eval-budgets", "32,64",
-                        "--max-new-tokens", "160", "--eval-blocks", "16,32"],
-                       cwd=HERE, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("generate.py", "--eval", str(data), "--task", "tiny", "--eval-budgets", "32,64", "--max-new-tokens",
+                "160", "--eval-blocks", "16,32")
     rows = re.findall(r"^\s*(\w+)\s+block\s+(\S+) budget\s+(\S+): answer ([\d.]+)% steps ([\d.]+)% sparsity ([\d.]+)%",
                       r.stdout, re.M)
     want = {("dense", "-", "-")} | {(a, str(S), str(b)) for a in ("seer", "quest", "oracle", "window")
@@ -1721,9 +1709,7 @@ def test_eval_mode_scores_problems_and_prints_every_row(tmp_path):
     assert float(dense[4]) >= 50, r.stdout
     # a record that is not a tiny-task problem stops the run before any decoding, in one line
     data.write_text(data.read_text() + json.dumps({"prompt": "what is 2 + 2?", "answer": "4"}) + "\n")
-    r = subprocess.run([sys.executable, "generate.py", "--eval", str(data), "--task", "tiny"], cwd=HERE,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode != 0 and "record 4: not a tiny-task prompt" in r.stderr and "Traceback" not in r.stderr
+    run_cli("generate.py", "--eval", str(data), "--task", "tiny", fails_with="record 4: not a tiny-task prompt")
 
 
 
@@ -1771,23 +1757,19 @@ def test_tiny_cli_bad_inputs_fail_before_training_with_one_line_errors(tmp_path,
     with pytest.raises(SystemExit, match="n_y <= 200"):
         tiny.main(["data", "--n", "1", "--n-y", "999", "--out", str(tmp_path / "keep.jsonl")])
     assert (tmp_path / "keep.jsonl").read_text() == "keep\n"                  # a bad size does not empty --out
-    r = subprocess.run([sys.executable, "tiny.py", "pretrain", "--out", str(tmp_path / "file"), *small],
-                       cwd=HERE, capture_output=True, text=True)               # as a script: one line, no trace
-    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.startswith("error: --out")
+    run_cli("tiny.py", "pretrain", "--out", str(tmp_path / "file"), *small,
+            fails_with="^error: --out")                                           # as a script: one line, no trace
 
 
 def test_pretrain_past_its_time_budget_still_makes_one_step_and_logs_a_rerunnable_command(tmp_path):
     args = ["--max-minutes", "1e-9", "--steps", "5", "--batch", "1", "--seq-len", "256", "--eval-every", "0",
             "--device", "cpu", "--workers", "1"]
-    r = subprocess.run([sys.executable, "tiny.py", "pretrain", "--out", str(tmp_path / "a"), *args],
-                       cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_cli("tiny.py", "pretrain", "--out", str(tmp_path / "a"), *args)
     log = json.loads((tmp_path / "a" / "pretrain_log.json").read_text())
     assert log["steps"] == 1 and "None" not in log["command"], log
     argv = log["command"].split()[1:]                                      # tiny.py pretrain --out ... (no --init)
     argv[argv.index("--out") + 1] = str(tmp_path / "b")
-    r = subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_cli(*argv)
     again = json.loads((tmp_path / "b" / "pretrain_log.json").read_text())["command"]
     assert again == log["command"].replace(str(tmp_path / "a"), str(tmp_path / "b"))
 
