@@ -374,9 +374,11 @@ def main(argv=None):
                    help="fraction of blocks not read (the block of the new token is always read), rounded "
                         "to whole blocks: the table prints the fraction not read")
     k.add_argument("--block", type=int, nargs="+", default=[64, 128], help="page/block sizes: 16, 32, 64 or 128")
-    k.add_argument("--splits", type=int, default=None, help="force the number of KV splits")
+    k.add_argument("--splits", type=int, default=None,
+                   help="KV splits of every (sequence, KV head), up to 32 (default: the kernel's own choice)")
     k.add_argument("--plot", nargs="?", const="bench_kernel.png", default=None,
-                   help="write a PNG of speedup vs sparsity (default bench_kernel.png)")
+                   help="write a PNG of speedup vs sparsity to this file, bench_kernel.png if none is named "
+                        "(default: no plot)")
     e = sub.add_parser("e2e", formatter_class=M.CLIHelp, help="whole-model decode: ours dense and seer vs transformers")
     e.add_argument("--shape", nargs="+", default=["qwen3-8b", "qwen3-4b"], choices=list(M.SHAPES),
                    help="model shapes (random weights)")
@@ -399,10 +401,11 @@ def main(argv=None):
                         "GEMMs / attention / seer's kernels / the rest, and the 16 kernels that take the most "
                         "(every per-layer kernel at Qwen3 shapes)")
     args = parser.parse_args(argv)
+    error = {"kernel": k, "e2e": e}[args.cmd].error                  # with the subcommand's usage
 
     def need(ok, msg):
         if not ok:
-            parser.error(msg)
+            error(msg)
     if args.cmd == "kernel":
         import kernel_decode
         need(min(args.batch) >= 1, f"--batch: sizes >= 1, got {args.batch}")
@@ -414,8 +417,8 @@ def main(argv=None):
         need(all(0 <= x < 1 for x in args.sparsity), f"--sparsity: fractions in [0, 1), got {args.sparsity}")
         try:   # the longest list: a dense call at the longest context and smallest block
             least = kernel_decode.least_splits(max(args.context) // min(args.block))
-        except ValueError as e:
-            parser.error(f"--context {max(args.context)} in blocks of {min(args.block)}: {e}")
+        except ValueError as why:
+            error(f"--context {max(args.context)} in blocks of {min(args.block)}: {why}")
         need(args.splits is None or least <= args.splits <= kernel_decode.MAX_SPLITS,
              f"--splits: {least} to {kernel_decode.MAX_SPLITS} here (a program walks at most "
              f"{kernel_decode.CHUNK} pages), got {args.splits}")
@@ -437,9 +440,9 @@ def main(argv=None):
     for spec in args.hf if args.cmd == "e2e" else []:
         shape, *rest = spec.split(":")
         if shape not in M.SHAPES or len(rest) != 2 or not all(x.isdigit() and int(x) > 0 for x in rest):
-            parser.error(f"--hf {spec}: want shape:batch:context with a shape of {', '.join(M.SHAPES)}")
+            error(f"--hf {spec}: want shape:batch:context with a shape of {', '.join(M.SHAPES)}")
     if not torch.cuda.is_available():
-        parser.error("bench.py times GPU decode: it needs a CUDA GPU")
+        error("bench.py times GPU decode: it needs a CUDA GPU")
     t0 = time.time()
     if args.cmd == "kernel":
         bench_kernel(args)

@@ -22,14 +22,6 @@ import gate as GT
 import model as M
 
 
-def load_tokenizer(path):
-    from tokenizers import Tokenizer
-    f = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(f):
-        raise FileNotFoundError(f"{path}: no tokenizer.json, needed to encode text prompts")
-    return Tokenizer.from_file(f)
-
-
 def eos_ids(path):
     """EOS token ids from generation_config.json, else config.json."""
     for name in ("generation_config.json", "config.json"):
@@ -67,6 +59,12 @@ def sample(logits, temperature, top_p, generator):
     return order.gather(-1, (p / e).argmax(-1, keepdim=True))[:, 0]
 
 
+def new_token_limits(prompts, max_new_tokens, max_len):
+    """New tokens each prompt may get: max_new_tokens, capped so that its sequence stays within
+    max_len positions (max_position_embeddings), at least one."""
+    return [max(1, min(max_new_tokens, max_len - len(p))) for p in prompts]
+
+
 def generate(model, cache, prompts, max_new_tokens, eos=(), temperature=0.0, top_p=1.0, seed=0,
              select=None, on_token=None, graphs=False):
     """prompts: lists of token ids -> lists of generated ids (EOS included when hit).
@@ -76,7 +74,7 @@ def generate(model, cache, prompts, max_new_tokens, eos=(), temperature=0.0, top
     never waits on the host, and it replays as a CUDA graph when graphs=True. The step for a
     token is queued before the host reads that token, so the GPU decodes while the host checks
     for EOS and streams text; a sequence that has just ended wastes that one step."""
-    limit = [max(1, min(max_new_tokens, model.config.max_position_embeddings - len(p))) for p in prompts]
+    limit = new_token_limits(prompts, max_new_tokens, model.config.max_position_embeddings)
     for i, p in enumerate(prompts):
         cache.allocate(i, len(p) + limit[i])                           # the last new token is fed too
     logits = torch.stack([model.prefill(ids, i, cache, select) for i, ids in enumerate(prompts)])
@@ -183,22 +181,32 @@ def pages_in_memory(net, kv_bytes, page_size, dtype, attn):
     return max(1, kv_bytes // (c.num_hidden_layers * c.num_key_value_heads * (2 * page_size * D * elem + pooled)))
 
 
-def pages_needed(prompts, max_new_tokens, page_size):
-    return sum(-(-(len(p) + max_new_tokens) // page_size) for p in prompts)
+def pages_needed(prompts, max_new_tokens, page_size, max_len):
+    """Pages for the prompts and the new tokens generate lets them have."""
+    limits = new_token_limits(prompts, max_new_tokens, max_len)
+    return sum(-(-(len(p) + n) // page_size) for p, n in zip(prompts, limits))
 
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")   # the shipped default
 
 
-def pick_gate(gate_dirs, block_size):
-    """The gate folder among gate_dirs trained for this block size (gates are per block size)."""
+def gates_by_block_size(gate_dirs):
+    """The --gate folders as {block size: folder} (a gate is trained for one block size)."""
     sizes = {}
     for d in gate_dirs:
-        sizes[M.read_config(d, "a gate folder").get("seerattn_gate_block_size", 64)] = d
-    if block_size not in sizes:
-        raise ValueError(f"no gate for block size {block_size} (have {sorted(sizes)}); "
+        S = M.read_config(d, "a gate folder").get("seerattn_gate_block_size", 64)
+        if S in sizes:
+            raise ValueError(f"--gate {sizes[S]} and --gate {d} are both for block size {S}: give one")
+        sizes[S] = d
+    return sizes
+
+
+def pick_gate(gates, block_size):
+    """The folder of gates ({block size: folder}) trained for this block size."""
+    if block_size not in gates:
+        raise ValueError(f"no gate for block size {block_size} (have {sorted(gates)}); "
                          f"set --block-size (--eval-blocks with --eval) or give a matching --gate")
-    return sizes[block_size]
+    return gates[block_size]
 
 
 def boxed(text):
@@ -228,17 +236,24 @@ def run(net, tok, eos, texts, args, attn, budget, block, graphs, on_token=None):
     """Decode a batch of texts with one selector -> (prompt ids, generated ids, sparsity, seconds in all,
     seconds to the first new tokens: prefill, and on cuda graph capture and any kernel compile)."""
     if attn == "seer":
-        GT.load_gates(net, pick_gate(args.gate, block))
+        GT.load_gates(net, pick_gate(args.gates, block))
     ids = [tok.encode(t).ids for t in texts]
     for i, x in enumerate(ids):
         if not x:
             raise ValueError(f"prompt {i} is empty after tokenization")
+    unk = getattr(tok.model, "unk_token", None)       # word-level vocabularies (the tiny model's) have one
+    if unk and (n := sum(x.count(tok.token_to_id(unk)) for x in ids)):
+        print(f"[{n} prompt word(s) not in the tokenizer's vocabulary, read as {unk}]", file=sys.stderr)
     dtype = next(net.parameters()).dtype
-    num_pages = args.num_pages or pages_needed(ids, args.max_new_tokens, block)
+    num_pages = args.num_pages or pages_needed(ids, args.max_new_tokens, block, net.config.max_position_embeddings)
     if args.kv_bytes:
         torch.cuda.empty_cache()                     # an --eval row before this one freed its pool
         num_pages = pages_in_memory(net, args.kv_bytes, block, dtype, attn)
-    cache = M.PagedKVCache(net.config, num_pages, block, args.device, dtype)
+    try:
+        cache = M.PagedKVCache(net.config, num_pages, block, args.device, dtype)
+    except RuntimeError as e:                        # torch.OutOfMemoryError too
+        raise ValueError(f"a KV pool of {num_pages} pages of {block} tokens does not fit in memory: lower "
+                         f"--num-pages, --max-new-tokens or the batch ({str(e).splitlines()[0][:200]})")
     select = GT.Selector(attn, net, cache, budget, args.threshold)
     t0, first = time.perf_counter(), None
 
@@ -286,7 +301,7 @@ def evaluate(net, tok, eos, args, graphs):
         if attn != "dense" and not any(b % block == 0 for b in budgets for block in blocks):
             raise ValueError(f"--eval-budgets {budgets}: none is a multiple of a block size in {blocks}")
     for block in blocks if "seer" in attns else []:
-        GT.load_gates(net, pick_gate(args.gate, block))   # each fits the model (loaded again in its rows)
+        GT.load_gates(net, pick_gate(args.gates, block))  # each fits the model (loaded again in its rows)
     rows = []
     for attn in attns:
         for block in blocks[:1] if attn == "dense" else blocks:
@@ -326,15 +341,16 @@ def main(argv=None):
                         "(default: tiny for the shipped model, else boxed)")
     p.add_argument("--eval-attn", default="dense,seer,quest,oracle,window", help="--eval: selectors, comma-separated")
     p.add_argument("--eval-budgets", default="128,256,512,1024", help="--eval: token budgets, comma-separated")
-    p.add_argument("--eval-blocks", default="64", help="--eval: block sizes, comma-separated (one gate each)")
+    p.add_argument("--eval-blocks", help="--eval: block sizes, comma-separated (one gate each; default: "
+                                         "--block-size's default)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the Qwen3 chat template")
     p.add_argument("--no-think", action="store_true", help="with --chat: thinking mode off (empty think block)")
     p.add_argument("--max-new-tokens", type=int, help="stop each sequence after this many new tokens "
                                                       "(default 256; 8192 for the tiny task)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    p.add_argument("--seed", type=int, help="sampling seed, 0 if not given; for the shipped model also its "
-                                            "problem's (default: random)")
+    p.add_argument("--seed", type=int, help="sampling seed (default 0); with the shipped model also its "
+                                            "problem's seed, a random one if not given")
     p.add_argument("--attn", default=None, choices=GT.SELECTORS,
                    help="which KV blocks each decode step reads: all (dense, the default), the gate's top blocks "
                         "(seer, the default for the tiny model), Quest's bound, the exact attention's top blocks "
@@ -349,12 +365,12 @@ def main(argv=None):
                    help="decode attention: the TileLang kernel (cuda + tilelang) or the PyTorch reference; "
                         "auto picks TileLang when it can")
     p.add_argument("--block-size", type=int, help="KV page size in tokens (= the gate's block size); "
-                   "default 64, and 16 for the shipped tiny model")
+                   "default: a single --gate's block size, else 16 for the shipped tiny model, else 64")
     p.add_argument("--num-pages", type=int, default=0,
                    help="KV pages in the pool (default: just enough for the prompts + --max-new-tokens)")
     p.add_argument("--kv-memory-fraction", type=float,
-                   help="cuda: size the KV pool to this share of the GPU memory free after loading the model, "
-                        "instead of --num-pages (every --eval row gets the same bytes)")
+                   help="cuda: size the KV pool to this share, in (0, 1), of the GPU memory free after loading "
+                        "the model, instead of --num-pages (every --eval row gets the same bytes)")
     p.add_argument("--no-graph", action="store_true", help="cuda: run decode eagerly instead of in CUDA graphs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -368,13 +384,17 @@ def main(argv=None):
     if args.eval and (args.attn or args.budget is not None or args.threshold is not None or args.block_size):
         p.error("--attn, --budget, --threshold and --block-size set one run's selection; --eval takes --eval-attn, "
                 "--eval-budgets and --eval-blocks")
+    if args.eval and (args.prompt or args.prompts_file):
+        p.error("--eval runs the prompts of its .jsonl: drop --prompt / --prompts-file")
+    if args.no_think and not args.chat:
+        p.error("--no-think sets the chat template's thinking mode: give --chat too")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error(f"need --temperature >= 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
     if args.block_size is not None and args.block_size < 1:
         p.error(f"--block-size must be >= 1, got {args.block_size}")
     try:
         args.eval_budgets = [int(b) for b in args.eval_budgets.split(",")]
-        args.eval_blocks = [int(b) for b in args.eval_blocks.split(",")]
+        args.eval_blocks = [int(b) for b in args.eval_blocks.split(",")] if args.eval_blocks else []
     except ValueError:
         p.error(f"--eval-budgets {args.eval_budgets} / --eval-blocks {args.eval_blocks}: integers, comma-separated")
     if min(args.eval_budgets + args.eval_blocks) < 1:
@@ -387,7 +407,6 @@ def main(argv=None):
         args.model = TINY
         args.gate = args.gate or sorted(glob.glob(os.path.join(TINY, "gate-*")))
         args.attn = args.attn or "seer"
-        args.block_size = args.block_size or 16         # its best gates (README, tiny model results)
         if args.attn != "dense" and args.budget is None and args.threshold is None:
             args.budget = 512
         args.task = args.task or "tiny"
@@ -396,9 +415,16 @@ def main(argv=None):
             problem = tiny.make_problem(random.Random(seed))
             args.prompt = [problem["prompt"]]
             print(f"[tiny task, problem seed {seed}]")
+    try:
+        args.gates = gates_by_block_size(args.gate)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    # one gate: its block size; the shipped model's: block 16, its best (README, tiny model results)
+    block = next(iter(args.gates)) if len(args.gates) == 1 else 16 if tiny_default else 64
+    args.block_size = args.block_size or block
+    args.eval_blocks = args.eval_blocks or [block]
     args.attn = args.attn or "dense"
     args.task = args.task or "boxed"
-    args.block_size = args.block_size or 64
     args.seed = args.seed or 0
     if args.max_new_tokens is None:
         args.max_new_tokens = 8192 if args.task == "tiny" else 256
@@ -425,11 +451,11 @@ def main(argv=None):
             torch.cuda.empty_cache()                 # the allocator still holds what loading merged and freed
             args.kv_bytes = int(torch.cuda.mem_get_info()[0] * args.kv_memory_fraction)
         use_kernel(args.kernel, args.device, net, args.eval_blocks if args.eval else [args.block_size])
-        tok, eos = load_tokenizer(args.model), eos_ids(args.model)
+        tok, eos = M.load_tokenizer(args.model, net.config.vocab_size), eos_ids(args.model)
         graphs = args.device.startswith("cuda") and not args.no_graph
         if args.eval:
             return evaluate(net, tok, eos, args, graphs)
-        if args.attn == "seer" and not args.gate:
+        if args.attn == "seer" and not args.gates:
             raise ValueError("--attn seer needs gates: give --gate DIR")
         texts = [chat_prompt(t, not args.no_think) if args.chat else t for t in prompts]
         seen, start = [], [0, 0]        # tokens so far; where the window decoded last starts and ends

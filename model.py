@@ -26,9 +26,11 @@ import functools
 import json
 import math
 import os
+import signal
+import sys
 import tempfile
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -54,6 +56,9 @@ class Qwen3Config:
     @classmethod
     def from_dict(cls, d):
         d = dict(d)
+        lacks = [f.name for f in fields(cls) if f.default is MISSING and f.name not in d and f.name != "head_dim"]
+        if lacks:
+            raise ValueError(f"config lacks {', '.join(lacks)}")
         if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):  # transformers >= 5
             d["rope_theta"] = d["rope_parameters"].get("rope_theta", 1e6)
         d.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
@@ -383,7 +388,10 @@ class Qwen3(nn.Module):
         cfg_path = os.path.join(path, "config.json")
         if raw.get("model_type") != "qwen3" and "Qwen3ForCausalLM" not in raw.get("architectures", []):
             raise ValueError(f"{cfg_path}: model_type {raw.get('model_type')!r} is not qwen3")
-        cfg = Qwen3Config.from_dict(raw)
+        try:
+            cfg = Qwen3Config.from_dict(raw)
+        except ValueError as e:
+            raise ValueError(f"{cfg_path}: {e}")
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
             with open(index) as f:
@@ -463,6 +471,36 @@ def read_config(folder, kind):
             return json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})")
+
+
+def note_signals(stop):
+    """Training's Ctrl-C: SIGINT and SIGTERM appended to the list stop instead of raised, so the loop
+    can end its step, save and exit; a second one of a kind gets that kind's own handler back (a
+    second Ctrl-C aborts at once). -> the handlers replaced, to restore with signal.signal."""
+    def note(signum, _):
+        if not stop:
+            print(f"\n[signal {signum}: stopping after this step to save; send it again to stop at once]",
+                  file=sys.stderr, flush=True)
+        stop.append(signum)
+        signal.signal(signum, replaced[signum])
+    replaced = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    return replaced
+
+
+def load_tokenizer(folder, vocab_size=None):
+    """folder/tokenizer.json; a one-line error if it is missing or unreadable, or (given the model's
+    vocab_size) if it makes ids the model has no embedding for."""
+    from tokenizers import Tokenizer
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder}: no tokenizer.json, needed to encode text")
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:                       # tokenizers raises a bare Exception on a malformed file
+        raise ValueError(f"{path}: cannot read it ({e})")
+    if vocab_size is not None and tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"{path}: {tok.get_vocab_size()} tokens, more than the model's vocab_size {vocab_size}")
+    return tok
 
 
 def check_writable(folder):

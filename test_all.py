@@ -268,6 +268,9 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, caps
     (tmp_path / "config.json").write_text("{bad")
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
         M.Qwen3.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "hidden_size": 64}))
+    with pytest.raises(ValueError, match="config.json: config lacks vocab_size, intermediate_size"):
+        M.Qwen3.from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     weights = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
@@ -281,6 +284,13 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, caps
     with pytest.raises(ValueError, match="max_position_embeddings"):
         net.prefill([1] * 1025, 0, cache)
     run_cli("generate.py", "--model", str(tmp_path), "--prompt", "hi", fails_with="no tokenizer.json")
+    (tmp_path / "tokenizer.json").write_text("{oops")
+    code, _, err = run_script(capsys, "generate.py", "--model", str(tmp_path), "--prompt", "hi")
+    assert code not in (0, None) and "tokenizer.json: cannot read it" in err, err
+    word_tokenizer(tmp_path)                                            # 128 tokens
+    with pytest.raises(ValueError, match="128 tokens, more than the model's vocab_size 100"):
+        M.load_tokenizer(str(tmp_path), 100)
+    g16 = os.path.join(HERE, "tiny", "gate-16")
     # flags checked before any work, each in one line (bench.py: before it looks for a GPU)
     cases = [("generate.py", "--top-p", "0", "--top-p in"), ("generate.py", "--temperature", "-1", "--temperature >= 0"),
              ("generate.py", "--block-size", "0", "--block-size must be"),
@@ -289,6 +299,9 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, caps
              ("generate.py", "--device", "cpu:0", "--device cpu:0: give cpu"),
              ("generate.py", "--kv-memory-fraction", "0", r"--kv-memory-fraction must be in \(0, 1\)"),
              ("generate.py --eval /dev/null", "--budget", "64", "--eval takes --eval-attn"),
+             ("generate.py --eval /dev/null", "--prompt", "hi", "--eval runs the prompts of its .jsonl"),
+             ("generate.py --no-think", "", "", "give --chat too"),
+             ("generate.py --gate " + g16, "--gate", g16, "both for block size 16: give one"),
              ("bench.py e2e", "--hf", "qwen3-8b:8", "--hf qwen3-8b:8"),
              ("bench.py e2e", "--budget", "100", "--budget: positive multiples"),
              ("bench.py kernel", "--sparsity", "1", r"--sparsity: fractions in \[0, 1\)"),
@@ -304,6 +317,28 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, caps
     for script, flag, value, msg in cases:
         code, _, err = run_script(capsys, script, *([flag, value] if flag else []))
         assert code not in (0, None) and re.search(msg, err), (script, flag, value, err)
+
+
+def test_kv_pool_for_a_huge_max_new_tokens_is_what_generate_can_use(capsys):
+    """The pool holds what generate lets a sequence have: its prompt and new tokens up to
+    max_position_embeddings (one new token at least), not --max-new-tokens' worth."""
+    assert gen.pages_needed([[1] * 10, [1] * 1000], 10 ** 9, 16, 1024) == 2 * 64
+    assert gen.pages_needed([[1] * 1024], 10 ** 9, 16, 1024) == 65        # 1024 + 1 positions
+    assert gen.pages_needed([[1] * 10, [1] * 20], 7, 16, 1024) == 2 + 2
+
+
+def test_generate_takes_a_single_gates_block_size_and_flags_unknown_words(capsys):
+    """The shipped model with one --gate and no --block-size decodes at that gate's block size; a
+    word its tokenizer does not know is reported, not silently read as <pad>."""
+    kept = M.decode_attention                            # generate.main points it at a kernel (use_kernel)
+    try:
+        gen.main(["--gate", os.path.join(HERE, "tiny", "gate-32"), "--prompt", "x1 4 hello", "--max-new-tokens", "2",
+                  "--device", "cpu"])
+    finally:
+        M.decode_attention = kept
+    out, err = capsys.readouterr()
+    assert "attn seer block 32 budget 512" in out, out
+    assert "1 prompt word(s) not in the tokenizer's vocabulary, read as <pad>" in err, err
 
 
 def test_help_shows_each_flags_default_once(capsys):
@@ -1745,6 +1780,7 @@ def test_tiny_cli_bad_inputs_fail_before_training_with_one_line_errors(tmp_path,
     cases = [(["pretrain", "--out", str(tmp_path / "file"), *small], r"--out \S+file cannot be written"),
              (["pretrain", "--out", str(tmp_path / "file" / "o"), *small], "cannot be written"),
              (["pretrain", "--out", out, "--warmup", "0", *small], "--warmup and --workers must be >= 1"),
+             (["pretrain", "--out", out, "--lr", "-1", *small], "--max-minutes and --lr > 0"),
              (["pretrain", "--out", out, "--init", str(tmp_path / "noweights"), *small], "no model.safetensors"),
              (["data", "--n", "1", "--out", str(tmp_path / "missing" / "d.jsonl")], "cannot be written"),
              (["data", "--n", "1", "--out", str(tmp_path)], "cannot be written")]
@@ -1772,6 +1808,36 @@ def test_pretrain_past_its_time_budget_still_makes_one_step_and_logs_a_rerunnabl
     run_cli(*argv)
     again = json.loads((tmp_path / "b" / "pretrain_log.json").read_text())["command"]
     assert again == log["command"].replace(str(tmp_path / "a"), str(tmp_path / "b"))
+
+
+def test_note_signals_notes_the_first_ctrl_c_and_lets_the_second_through():
+    stop, before = [], signal.getsignal(signal.SIGINT)
+    replaced = M.note_signals(stop)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)                                # noted, not raised
+        assert stop == [signal.SIGINT]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)                            # the second: Python's own handler
+    finally:
+        for sig, h in replaced.items():
+            signal.signal(sig, h)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_pretrain_stopped_by_ctrl_c_ends_its_step_and_saves(tmp_path, monkeypatch):
+    real, before = tiny.trace_loss, signal.getsignal(signal.SIGINT)
+
+    def ctrl_c_during_a_step(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+    monkeypatch.setattr(tiny, "trace_loss", ctrl_c_during_a_step)
+    with pytest.raises(SystemExit, match=f"stopped by signal {int(signal.SIGINT)} after 1 steps; saved"):
+        tiny.main(["pretrain", "--out", str(tmp_path / "a"), "--steps", "5", "--batch", "1", "--seq-len", "256",
+                   "--eval-every", "0", "--device", "cpu", "--workers", "1"])
+    assert signal.getsignal(signal.SIGINT) is before
+    log = json.loads((tmp_path / "a" / "pretrain_log.json").read_text())
+    assert log["steps"] == 1 and log["stopped_by_signal"] == signal.SIGINT
+    M.Qwen3.from_pretrained(str(tmp_path / "a"))                          # a whole model folder
 
 
 @pytest.mark.parametrize("where", ["weights", "small_files"])

@@ -37,6 +37,7 @@ import math
 import multiprocessing
 import os
 import random
+import signal
 import time
 
 import numpy as np
@@ -222,7 +223,8 @@ def batches(seed, rows, seq_len, workers=8):
     """An endless, reproducible stream of make_batch, made by worker processes: one Python
     thread cannot write problems as fast as the GPU trains on them."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"     # one thread per worker: no oversubscription
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # workers ignore Ctrl-C (a terminal's goes to them too): the trainer stops them when it has saved
+    with multiprocessing.get_context("spawn").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
         yield from pool.imap(_batch, ((seed, i, rows, seq_len) for i in itertools.count()), chunksize=1)
 
 
@@ -295,6 +297,9 @@ def pretrain(args):
             net = M.Qwen3.from_pretrained(args.init, device=args.device, dtype=torch.float32).train()
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --init {e}")
+        if net.config.vocab_size < len(VOCAB):
+            raise SystemExit(f"error: --init {args.init}: vocab_size {net.config.vocab_size}, the task needs "
+                             f"{len(VOCAB)} tokens")
     else:
         net = M.Qwen3(tiny_config()).to(args.device)
         for name, w in net.named_parameters():               # as Hugging Face initialises Qwen3, except:
@@ -315,10 +320,12 @@ def pretrain(args):
     data = batches(args.seed, args.batch, args.seq_len, args.workers)
     t0, tokens, done, budget = time.time(), 0, 0, 60 * args.max_minutes
     bar = tqdm(range(args.steps), desc=f"pretrain {n_params / 1e6:.2f}M params")
+    stop = []
+    handlers = M.note_signals(stop)                      # Ctrl-C: end the step, save, stop
     for step in bar:
         # progress by steps or by time, whichever is further: the cosine always finishes in time
         progress = max(step / args.steps, (time.time() - t0) / budget)
-        if progress >= 1 and step:                       # one step at least: the log and save need a loss
+        if (progress >= 1 or stop) and step:             # one step at least: the log and save need a loss
             break
         cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0)))
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * cosine
@@ -343,7 +350,14 @@ def pretrain(args):
                        f"(definitions in the prompt), y {acc['y_acc']:.2%} (results in the trace); "
                        f"signs copied from the program {acc['sign_acc']:.2%}")
             save_folder(net, tok, args.out, log)
+    for sig, h in handlers.items():
+        signal.signal(sig, h)
     seconds = time.time() - t0
+    if stop:                                             # no final eval: save and go
+        log.update(steps=done, seconds=round(seconds), tokens=tokens, stopped_by_signal=stop[0])
+        save_folder(net, tok, args.out, log)
+        raise SystemExit(f"stopped by signal {stop[0]} after {done} steps; saved {args.out} (a new run can start "
+                         f"from it with --init {args.out})")
     acc = heldout_accuracy(net, tok, args.device, args.seq_len)
     log.update(steps=done, seconds=round(seconds), tokens=tokens, tokens_per_s=round(tokens / seconds),
                final_loss=round(loss.item(), 4), **acc)
@@ -376,7 +390,7 @@ def main(argv=None):
     t.add_argument("--batch", type=int, default=32, help="rows of --seq-len tokens per step (shorter problems: "
                                                          "proportionally more of them)")
     t.add_argument("--seq-len", type=int, default=5120, help="tokens of the largest training problem (5120: 370 "
-                                                             "variables, 148 steps; covers the default task)")
+                                                             "variables, 148 steps; covers generate.py's problems)")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine to 10%% of it)")
     t.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     t.add_argument("--eval-every", type=int, default=250, help="held-out teacher-forced accuracy and a save every "
@@ -399,8 +413,9 @@ def main(argv=None):
         print(f"wrote {args.n} problems of {n_tokens(args.n_x, args.n_y)} tokens to {args.out}")
     else:
         M.check_device(p, args.device)
-        if min(args.steps, args.batch, args.warmup, args.workers) < 1 or args.max_minutes <= 0:
-            raise SystemExit("error: --steps, --batch, --warmup and --workers must be >= 1 and --max-minutes > 0")
+        if min(args.steps, args.batch, args.warmup, args.workers) < 1 or args.max_minutes <= 0 or args.lr <= 0:
+            raise SystemExit("error: --steps, --batch, --warmup and --workers must be >= 1, --max-minutes and --lr "
+                             "> 0")
         try:
             sizes_for(args.seq_len)
             if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):

@@ -85,13 +85,11 @@ def read_texts(paths):
     return [t for t in texts if t], bad
 
 
-def load_sequences(paths, folder, seq_len, S, pack):
-    """Tokenize with folder/tokenizer.json; pack (documents joined by <|endoftext|>) or truncate to
-    seq_len -> (flat int32 tokens, [(start, end)] spans). Sequences shorter than two blocks are dropped."""
-    from tokenizers import Tokenizer
-    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        raise FileNotFoundError(f"{folder}: no tokenizer.json to tokenize the data with")
-    tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+def load_sequences(paths, folder, seq_len, S, pack, vocab_size=None):
+    """Tokenize with folder/tokenizer.json (checked against the model's vocab_size); pack (documents
+    joined by <|endoftext|>) or truncate to seq_len -> (flat int32 tokens, [(start, end)] spans).
+    Sequences shorter than two blocks are dropped."""
+    tok = M.load_tokenizer(folder, vocab_size)
     texts, bad = read_texts(paths)
     if not texts:
         raise ValueError(f"no usable text in {', '.join(paths)} ({bad} malformed line(s) skipped)")
@@ -367,11 +365,18 @@ def random_model(name, device, dtype):
         cfg = dict(max_position_embeddings=40960, **M.SHAPES[name])
     elif os.path.isfile(name):
         with open(name) as f:
-            cfg = json.load(f)
+            try:
+                cfg = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--random-init {name}: not a config.json ({e})")
     else:
         raise ValueError(f"--random-init {name}: not one of {', '.join(M.SHAPES)} nor a config.json file")
+    try:
+        config = M.Qwen3Config.from_dict(cfg)
+    except ValueError as e:
+        raise ValueError(f"--random-init {name}: {e}")
     with torch.device("meta"):
-        net = M.Qwen3(M.Qwen3Config.from_dict(cfg)).to(dtype)
+        net = M.Qwen3(config).to(dtype)
     net = net.to_empty(device=device)
     with torch.no_grad():
         for n, p in net.named_parameters():
@@ -413,7 +418,7 @@ def parse(argv):
     a("--warmup", type=int, default=20, help="linear warm-up steps")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     a("--loss-scale", type=float, default=10.0, help="multiplies the KL loss (published recipe: 10)")
-    a("--loss-from", type=float, default=0.5, help="share of each sequence before positions count in the loss")
+    a("--loss-from", type=float, default=0.5, help="share of each sequence before positions count in the loss, in [0, 1)")
     a("--q-chunk", type=int, default=2048, help="query rows per fused target pass (memory vs. speed)")
     a("--eval-every", type=int, default=100, help="evaluate recall every this many steps (0: only at the end)")
     a("--eval-budgets", default="1024,2048,4096", help="token budgets for the recall table, comma-separated")
@@ -485,10 +490,12 @@ def main(argv=None):
             if args.seq_len > net.config.max_position_embeddings:
                 raise ValueError(f"--seq-len {args.seq_len} is past {args.model}'s max_position_embeddings "
                                  f"{net.config.max_position_embeddings}")
-            tokens, spans = load_sequences(args.data, args.model, args.seq_len, args.block_size, not args.no_pack)
+            tokens, spans = load_sequences(args.data, args.model, args.seq_len, args.block_size, not args.no_pack,
+                                           net.config.vocab_size)
         evals = []
         if args.eval_data:
-            etok, espans = load_sequences(args.eval_data, args.model, args.seq_len, args.block_size, not args.no_pack)
+            etok, espans = load_sequences(args.eval_data, args.model, args.seq_len, args.block_size, not args.no_pack,
+                                          net.config.vocab_size)
             evals = [etok[a:b].long() for a, b in espans[:args.eval_seqs]]
         elif args.eval_seqs:
             if len(spans) <= args.eval_seqs:
@@ -561,7 +568,7 @@ def main(argv=None):
         return flag.item() > 0
 
     stop, loss = [], None
-    handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = M.note_signals(stop)
     first, last_eval = step, None
     end = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
