@@ -16,7 +16,7 @@ layers, times --loss-scale. Only gate parameters train (float32, AdamW); data-pa
 all-reduce their gradients. A checkpoint's files (the gate folder's, train_state.pt) are each
 written atomically, the state last; --resume continues where a run stopped (bit for bit on CPU;
 on CUDA within ~1e-7, since torch.compile's first-shape and dynamic kernels round differently),
-Ctrl-C / SIGTERM save first. Not here: FSDP (the gates are small, every rank holds them all)
+Ctrl-C / SIGTERM save first (a second Ctrl-C stops at once, unsaved). Not here: FSDP (the gates are small, every rank holds them all)
 and sequence parallelism.
 Shapes: T tokens, Hq/Hk query/KV heads, G = Hq // Hk, D head_dim, S block, NB = T // S complete
 blocks, C queries in a chunk.
