@@ -242,14 +242,14 @@ def kernel_profile(fn, layers, step_ms, top=16):
     return lines
 
 
-def bench_ours(net, B, ctx, attn, budget, steps, S=BLOCK, profile=False):
+def bench_ours(net, B, ctx, attn, budget, steps, profile=False):
     """ms per decode step (CUDA graph replays), measured sparsity, and with profile=True the
     kernel_profile lines of one eager step. The cache holds random K, V and gate keys for ctx
     tokens per sequence (prefill is not what is timed)."""
     import gate as GT
     import generate as gen
     import model as M
-    cache = M.PagedKVCache(net.config, B * -(-(ctx + steps + 1) // S), S, "cuda", torch.bfloat16)
+    cache = M.PagedKVCache(net.config, B * -(-(ctx + steps + 1) // BLOCK), BLOCK, "cuda", torch.bfloat16)
     select = GT.Selector(attn, net, cache, budget)
     for t in [cache.k, cache.v] + list((cache.pooled or {}).values()):
         t.normal_()

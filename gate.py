@@ -70,20 +70,6 @@ class AttnGate(nn.Module):
         avg = blocks.mean(1, dtype=torch.promote_types(k.dtype, torch.float32)).to(k.dtype)
         return self.key(torch.cat([blocks.amax(1), blocks.amin(1), avg], -1), torch.arange(nb, device=k.device))
 
-    def scores(self, q, k):
-        """Training/analysis view over one whole sequence: q [T, Hq, D], k [T, Hk, D] (pre-RoPE)
-        -> scores [T, Hk, NB] over the NB = T // S complete blocks, -inf where block j is not
-        complete-and-before t's own block."""
-        T, S = q.shape[0], self.block_size
-        nb = T // S
-        ar = torch.arange(T, device=q.device)
-        gq = self.query(q, ar)                                         # [T, Hk, Dg]
-        gk = self.block_keys(k)                                        # [NB, Hk, Dg]
-        s = torch.einsum("the,jhe->thj", gq, gk) / math.sqrt(self.dg)  # [T, Hk, NB]
-        visible = torch.arange(nb, device=q.device)[None, :] < (ar // S)[:, None]  # [T, NB]
-        s = s.to(torch.promote_types(s.dtype, torch.float32))         # softmax in >= float32
-        return s.masked_fill(~visible[:, None, :], float("-inf"))
-
 
 def gate_query(q, positions, wq, norm, theta):
     """q [N, Hq, D] pre-RoPE; wq [Hk, G, D, Dg]; norm [Dg] or None -> gate queries [N, Hk, Dg]."""
@@ -181,7 +167,6 @@ def load_gates(model, path):
             for layer, gate in zip(model.layers, before):
                 layer.self_attn.attn_gate = gate
             raise ValueError(f"{path}: layer {i}'s gate weights do not fit: {' '.join(str(e).split())}")
-    return gcfg
 
 
 # ---- selection at decode ----

@@ -160,7 +160,7 @@ def rotate(x, cos, sin):
     return x * cos[:, None, :] + torch.cat([-x2, x1], dim=-1) * sin[:, None, :]
 
 
-def decode_attention_ref(q, k_pages, v_pages, block_table, lengths, blocks=None, scale=None):
+def decode_attention_ref(q, k_pages, v_pages, block_table, lengths, blocks=None):
     """Paged decode attention in plain PyTorch: the CPU path, and what the kernel replaces on CUDA.
 
     q [B, Hq, D]; k_pages, v_pages [P, S, Hk, D]; block_table [B, NB] int32 (logical block ->
@@ -170,7 +170,7 @@ def decode_attention_ref(q, k_pages, v_pages, block_table, lengths, blocks=None,
     B, Hq, D = q.shape
     P, S, Hk = k_pages.shape[:3]
     NB = block_table.shape[1]
-    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    scale = 1.0 / math.sqrt(D)
     if blocks is None:                                           # every block of the sequence
         pages = block_table.long().clamp(0, P - 1)
         k = k_pages[pages].reshape(B, NB * S, Hk, D).transpose(1, 2)   # [B, Hk, NB*S, D]

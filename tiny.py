@@ -74,13 +74,12 @@ def step_line(y, a, op, b, va, vb):
 
 
 def make_problem(rng, n_x=N_X, n_y=N_Y, p_x=0.6, ops="+-"):
-    """rng (random.Random, or an int seed) -> dict(prompt, trace, answer); text = prompt + trace.
+    """rng (random.Random) -> dict(prompt, trace, answer); text = prompt + trace.
 
     Step i's operands are each a defined x (prob p_x, always for step 1) or a uniformly
     chosen earlier y, so most lookups reach far back. Each step's operation is drawn from ops."""
     if not 1 <= n_x <= len(X_NAMES) or not 1 <= n_y <= len(Y_NAMES):
         raise ValueError(f"need 1 <= n_x <= {len(X_NAMES)} and 1 <= n_y <= {len(Y_NAMES)}, got {n_x}, {n_y}")
-    rng = random.Random(rng) if isinstance(rng, int) else rng
     xs = rng.sample(X_NAMES, n_x)
     value = {x: rng.randrange(BASE) for x in xs}
     prog, trace = [], []
@@ -124,23 +123,19 @@ def parse_prompt(prompt):
     return value, steps
 
 
-def score(problem, generated, strict=False):
+def score(prompt, generated):
     """-> (answer correct, steps correct, steps total), recomputed from the prompt alone.
 
-    problem: a dict with "prompt" or the prompt string; generated: the decoded trace. Line i
-    must be step i's line exactly. Each step is checked on its own: x values come from the
-    prompt, a y value is the one the trace itself stated for it (so one wrong result costs
-    one step, not every step downstream), or the true one if the trace never stated it.
-    strict=True uses true values throughout (an error then also fails its dependants).
-    The answer must equal the true value of the last step."""
-    prompt = problem["prompt"] if isinstance(problem, dict) else problem
+    generated: the decoded trace. Line i must be step i's line exactly. Each step is checked on
+    its own: x values come from the prompt, a y value is the one the trace itself stated for it
+    (so one wrong result costs one step, not every step downstream), or the true one if the
+    trace never stated it. The answer must equal the true value of the last step."""
     value, steps = parse_prompt(prompt)
     lines = [line.split() for line in generated.split("\n")]
     true, stated, ok = dict(value), dict(value), 0
     for i, (y, a, op, b) in enumerate(steps):
         true[y] = OPS[op](true[a], true[b])
-        ref = true if strict else stated
-        want = step_line(y, a, op, b, ref[a], ref[b]).split()
+        want = step_line(y, a, op, b, stated[a], stated[b]).split()
         got = lines[i] if i < len(lines) else []
         ok += got == want
         claim = got[-1] if got[-2:-1] == [y] else None
@@ -258,7 +253,7 @@ def heldout_accuracy(net, tok, device, seq_len, n=8, seed=999_999):
                 sign_acc=steps[..., 3].float().mean().item())             # the sign, copied from the program line
 
 
-def save_folder(net, tok, out, log=None):
+def save_folder(net, tok, out, log):
     """A Hugging Face Qwen3 folder, weights in bfloat16 (the shipped folder stays small). Every file
     goes through a temp file and a rename, the weights and config.json after the tokenizer files and
     before the log: a run stopped during a periodic save keeps the previous save whole."""
@@ -285,8 +280,7 @@ def save_folder(net, tok, out, log=None):
         ids, bos_token_id=None, torch_dtype="bfloat16", dtype="bfloat16", use_cache=True, attention_dropout=0.0,
         initializer_range=0.02, use_sliding_window=False, sliding_window=None,
         max_window_layers=c.num_hidden_layers, rope_scaling=None))
-    if log is not None:                                  # after the weights it describes
-        write("pretrain_log.json", log)
+    write("pretrain_log.json", log)                      # after the weights it describes
 
 
 def pretrain(args):

@@ -362,7 +362,7 @@ def load_checkpoint(model, opt, args, setup):
 def random_model(name, device, dtype):
     """A Qwen3 of a known shape (model.SHAPES) or a config.json, with random weights: for speed runs."""
     if name in M.SHAPES:
-        cfg = dict(max_position_embeddings=40960, **M.SHAPES[name])
+        cfg = dict(M.SHAPES[name])
     elif os.path.isfile(name):
         with open(name) as f:
             try:
