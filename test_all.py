@@ -521,19 +521,19 @@ def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D
 # ---- the gate, pooled keys and selectors (gate.py, and kernel_step.seer_pick) ----
 
 def gate_scores64(gate, q, k):
-    """SPEC §3 written out in float64 from the gate's weights: q [T, Hq, D], k [T, Hk, D] pre-RoPE ->
-    scores [T, Hk, NB] over the complete blocks before each row's own block, -inf elsewhere. The gate
-    query: the group's heads through Wq, RMS-normed, RoPE at t; a block's key: [max | min | mean] of
-    its keys through Wk, RMS-normed, RoPE at its first token."""
-    Wq, Wk = (w.detach().double() for w in (gate.attngate_linear_q.weight, gate.attngate_linear_k.weight))
+    """SPEC §3 written out in float64 on the CPU from the gate's weights: q [T, Hq, D], k [T, Hk, D]
+    pre-RoPE -> scores [T, Hk, NB] over the complete blocks before each row's own block, -inf
+    elsewhere. The gate query: the group's heads through Wq, RMS-normed, RoPE at t; a block's key:
+    [max | min | mean] of its keys through Wk, RMS-normed, RoPE at its first token."""
+    Wq, Wk = (w.detach().double().cpu() for w in (gate.attngate_linear_q.weight, gate.attngate_linear_k.weight))
     hk, g, d, dg = Wq.shape
     T, S, theta = q.shape[0], gate.block_size, gate.rope_theta
     nb = T // S
-    gq = torch.einsum("thgd,hgde->the", q.detach().double().view(T, hk, g, d), Wq)          # [T, Hk, Dg]
-    blocks = k.detach().double()[:nb * S].view(nb, S, hk, d)
+    gq = torch.einsum("thgd,hgde->the", q.detach().double().cpu().view(T, hk, g, d), Wq)    # [T, Hk, Dg]
+    blocks = k.detach().double().cpu()[:nb * S].view(nb, S, hk, d)
     gk = torch.einsum("jhc,hce->jhe", torch.cat([blocks.amax(1), blocks.amin(1), blocks.mean(1)], -1), Wk)
     if gate.qnorm_weight is not None:
-        gq, gk = rms_norm64(gq, gate.qnorm_weight.detach(), 1e-6), rms_norm64(gk, gate.knorm_weight.detach(), 1e-6)
+        gq, gk = (rms_norm64(x, w.detach().cpu(), 1e-6) for x, w in ((gq, gate.qnorm_weight), (gk, gate.knorm_weight)))
     gq = rope64(gq, torch.arange(T, dtype=torch.float64)[:, None, None], theta)
     gk = rope64(gk, (S * torch.arange(nb, dtype=torch.float64))[:, None, None], theta)   # [NB, Hk, Dg]
     s = torch.einsum("the,jhe->thj", gq, gk) / math.sqrt(dg)
@@ -717,7 +717,7 @@ def test_seer_decode_picks_the_top_blocks_of_the_float64_gate_scores(tmp_path, d
                    torch.tensor([n], dtype=torch.int32, device=dev), cache, Spy(sel, captured))
     for i, (qr, blocks, table, lengths) in captured.items():
         q, k = (torch.cat(t) for t in zip(*seen[i]))         # [70, Hq, D], [70, Hk, D]
-        score = gate_scores64(net.layers[i].self_attn.attn_gate, q.cpu(), k.cpu())[69]   # [Hk, NB] at the last token
+        score = gate_scores64(net.layers[i].self_attn.attn_gate, q, k)[69]   # [Hk, NB] at the last token
         for h in range(2):
             top = score[h].topk(4)
             assert top.values[2] - top.values[3] > 1e-4       # no near-tie at the cut
