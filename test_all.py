@@ -234,20 +234,21 @@ def run_cli(*args, fails_with=None, env=None):
 
 
 def run_script(capsys, script, *args):
-    """`python script args` in this process (a new one is 3 s of imports), up to its SystemExit:
-    (exit code, stdout, stderr with SystemExit's message, as Python would print it). Any other
-    exception fails the caller, as a traceback would."""
+    """`python script args` in this process (a new one is 3 s of imports), to its end or its
+    SystemExit: (exit code, stdout, stderr with SystemExit's message, as Python would print it).
+    Any other exception fails the caller, as a traceback would."""
     import bench
     name, *sub = script.split()
     capsys.readouterr()
-    kept = M.decode_attention                            # generate.main points it at the kernel (use_kernel)
+    kept, code = M.decode_attention, 0                   # generate.main points it at the kernel (use_kernel)
     try:
-        with pytest.raises(SystemExit) as stop:
-            {"generate.py": gen.main, "train_gate.py": TG.main, "bench.py": bench.main, "tiny.py": tiny.main}[name](
-                [*sub, *args])
+        {"generate.py": gen.main, "train_gate.py": TG.main, "bench.py": bench.main, "tiny.py": tiny.main}[name](
+            [*sub, *args])
+    except SystemExit as stop:
+        code = stop.code
     finally:
         M.decode_attention = kept
-    code, (out, err) = stop.value.code, capsys.readouterr()
+    out, err = capsys.readouterr()
     return code, out, err + (code if isinstance(code, str) else "")
 
 
@@ -330,14 +331,9 @@ def test_kv_pool_for_a_huge_max_new_tokens_is_what_generate_can_use(capsys):
 def test_generate_takes_a_single_gates_block_size_and_flags_unknown_words(capsys):
     """The shipped model with one --gate and no --block-size decodes at that gate's block size; a
     word its tokenizer does not know is reported, not silently read as <pad>."""
-    kept = M.decode_attention                            # generate.main points it at a kernel (use_kernel)
-    try:
-        gen.main(["--gate", os.path.join(HERE, "tiny", "gate-32"), "--prompt", "x1 4 hello", "--max-new-tokens", "2",
-                  "--device", "cpu"])
-    finally:
-        M.decode_attention = kept
-    out, err = capsys.readouterr()
-    assert "attn seer block 32 budget 512" in out, out
+    code, out, err = run_script(capsys, "generate.py", "--gate", os.path.join(HERE, "tiny", "gate-32"), "--prompt",
+                                "x1 4 hello", "--max-new-tokens", "2", "--device", "cpu")
+    assert code == 0 and "attn seer block 32 budget 512" in out, (out, err)
     assert "1 prompt word(s) not in the tokenizer's vocabulary, read as <pad>" in err, err
 
 
@@ -379,7 +375,8 @@ def test_generate_cli_streams_and_reports(tmp_path):
     want = hf.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=12, do_sample=False)[0, 3:].tolist()
     assert r.stdout.split("\n")[0].split() == [f"w{t}" for t in want], r.stdout
     run_cli("generate.py", "--model", str(tmp_path), "--prompt", "w1", "--prompt", "w5 w6", "--max-new-tokens", "5",
-            "--temperature", "0.8", "--top-p", "0.9", "--num-pages", "1", "--block-size", "4", fails_with="out of pages")
+            "--temperature", "0.8", "--top-p", "0.9", "--num-pages", "1", "--block-size", "4",
+            fails_with="out of pages")
 
 
 def rms_norm64(x, w, eps):
@@ -592,7 +589,7 @@ def test_pooled_keys_incremental_decode_equal_prefill(tmp_path, dev, monkeypatch
             assert torch.allclose(buf[:, pp[:n]], buf[:, pd[:n]], atol=1e-5 if dev == "cpu" else 1e-4), name
         k = cache.k[:, cache.pages["p"]].double().flatten(1, 2)[:, :29].cpu()     # [L, 29, Hk, D] post-RoPE
         if attn == "seer":
-            k = rope64(k, -torch.arange(29.0, dtype=torch.float64)[:, None, None], net.config.rope_theta)  # rotated back
+            k = rope64(k, -torch.arange(29.0, dtype=torch.float64)[:, None, None], net.config.rope_theta)   # back
         want = [torch.stack([f(k[:, j * 8:(j + 1) * 8], 1) for j in range(4)], 1)  # [L, 4 blocks, Hk, D]
                 for f in (torch.amax, torch.amin, torch.sum)]
         names = ("kmax", "kmin", "ksum") if attn == "seer" else ("qmax", "qmin")
@@ -1573,7 +1570,8 @@ def test_score_marks_a_corrupted_step_wrong_at_that_step():
     bad = "\n".join(wrong + [f"answer = {carried[prog[-1][0]]}"])
     assert tiny.score(p["prompt"], bad)[1:] == (49, 50)
     # a wrong final answer, a missing answer, and a dropped line (everything after it misaligned)
-    assert tiny.score(p["prompt"], p["trace"].rsplit("=", 1)[0] + f"= {(value[prog[-1][0]] + 1) % 10}") == (False, 50, 50)
+    wrong_answer = p["trace"].rsplit("=", 1)[0] + f"= {(value[prog[-1][0]] + 1) % 10}"
+    assert tiny.score(p["prompt"], wrong_answer) == (False, 50, 50)
     assert tiny.score(p["prompt"], p["trace"].rsplit("\n", 1)[0]) == (False, 50, 50)
     dropped = p["trace"].split("\n")
     del dropped[k]
@@ -1705,7 +1703,8 @@ def test_pretrain_smoke_folder_loads_in_ours_and_transformers_with_equal_logits(
     assert (tmp_path / "more" / "model.safetensors").is_file()
     # and never over a model folder
     before = (out / "model.safetensors").read_bytes()
-    run_cli("tiny.py", "pretrain", "--out", str(out), "--steps", "1", "--device", "cpu", fails_with="already holds a model")
+    run_cli("tiny.py", "pretrain", "--out", str(out), "--steps", "1", "--device", "cpu",
+            fails_with="already holds a model")
     assert (out / "model.safetensors").read_bytes() == before
 
 

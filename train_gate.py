@@ -16,8 +16,8 @@ layers, times --loss-scale. Only gate parameters train (float32, AdamW); data-pa
 all-reduce their gradients. A checkpoint's files (the gate folder's, train_state.pt) are each
 written atomically, the state last; --resume continues where a run stopped (bit for bit on CPU;
 on CUDA within ~1e-7, since torch.compile's first-shape and dynamic kernels round differently),
-Ctrl-C / SIGTERM save first (a second Ctrl-C stops at once, unsaved). Not here: FSDP (the gates are small, every rank holds them all)
-and sequence parallelism.
+Ctrl-C / SIGTERM save first (a second Ctrl-C stops at once, unsaved). Not here: FSDP (the gates
+are small, every rank holds them all) and sequence parallelism.
 Shapes: T tokens, Hq/Hk query/KV heads, G = Hq // Hk, D head_dim, S block, NB = T // S complete
 blocks, C queries in a chunk.
 """
@@ -418,7 +418,8 @@ def parse(argv):
     a("--warmup", type=int, default=20, help="linear warm-up steps")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     a("--loss-scale", type=float, default=10.0, help="multiplies the KL loss (published recipe: 10)")
-    a("--loss-from", type=float, default=0.5, help="share of each sequence before positions count in the loss, in [0, 1)")
+    a("--loss-from", type=float, default=0.5,
+      help="share of each sequence before positions count in the loss, in [0, 1)")
     a("--q-chunk", type=int, default=2048, help="query rows per fused target pass (memory vs. speed)")
     a("--eval-every", type=int, default=100, help="evaluate recall every this many steps (0: only at the end)")
     a("--eval-budgets", default="1024,2048,4096", help="token budgets for the recall table, comma-separated")
