@@ -39,6 +39,8 @@ import torch.nn.functional as F
 import kernel_step
 
 
+# ---- Qwen3: its config, layers and decode step, the model ----
+
 @dataclass
 class Qwen3Config:
     vocab_size: int
@@ -435,6 +437,8 @@ class Qwen3(nn.Module):
         write_folder(path, state, {**self.config.to_hf_dict(), **(extra_config or {})})
 
 
+# ---- what the scripts share: --help, --device, model folders, the tokenizer, Ctrl-C ----
+
 class CLIHelp(argparse.RawDescriptionHelpFormatter):
     """The scripts' --help: the module docstring as written, and each flag's default where it has
     one its help text does not already state."""
@@ -574,6 +578,8 @@ def merge_projections(state):
             out[f"{prefix}{name}.weight"] = torch.cat([out.pop(f"{prefix}{part}.weight") for part in parts])
     return out
 
+
+# ---- the paged KV cache ----
 
 class CacheFull(RuntimeError):
     pass
