@@ -509,13 +509,21 @@ def load_tokenizer(folder, vocab_size=None):
 
 def check_writable(folder):
     """Make folder if need be and create a file in it: a script's --out found unwritable before
-    any work, in one line, not at its first save."""
+    any work, in one line, not at its first save. The folders it made are removed again (the
+    first save makes them), so a run that fails later leaves no empty --out behind."""
+    made, f = [], os.path.abspath(folder)
+    while not os.path.exists(f):                      # the folders makedirs will make, deepest first
+        made, f = made + [f], os.path.dirname(f)
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
         raise ValueError(f"--out {folder} cannot be written ({e.strerror})")
+    finally:
+        for f in made:
+            if os.path.isdir(f):
+                os.rmdir(f)
 
 
 def unreadable(path):

@@ -1460,6 +1460,7 @@ def test_train_gate_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys
             TG.main(["--model", model, "--out", str(out), "--data", data, "--block-size", "16", "--seq-len", "128"])
     run_cli("train_gate.py", "--model", model, "--out", str(tmp_path / "o"), "--data", bad, "--seq-len", "128",
             fails_with="^error: no usable text")                                  # as a script: one line, no trace
+    assert not (tmp_path / "o").exists()                                  # failed runs leave no --out behind
 
 
 @cuda
@@ -1797,7 +1798,7 @@ def test_tiny_cli_bad_inputs_fail_before_training_with_one_line_errors(tmp_path,
         with pytest.raises(SystemExit) as e:
             tiny.main(argv)
         assert re.search(msg, f"{e.value} {capsys.readouterr().err}"), (argv, msg)
-    assert M.holds_model(out) is None
+    assert not os.path.exists(out)                                         # failed runs leave no --out behind
     (tmp_path / "keep.jsonl").write_text("keep\n")
     with pytest.raises(SystemExit, match="n_y <= 200"):
         tiny.main(["data", "--n", "1", "--n-y", "999", "--out", str(tmp_path / "keep.jsonl")])
