@@ -299,6 +299,7 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, caps
              ("generate.py", "--device", "tpu", "--device tpu"), ("generate.py", "--device", "cuda:64", "GPUs$"),
              ("generate.py", "--device", "cpu:0", "--device cpu:0: give cpu"),
              ("generate.py", "--kv-memory-fraction", "0", r"--kv-memory-fraction must be in \(0, 1\)"),
+             ("generate.py", "--num-pages", str(10 ** 14), "does not fit in memory"),   # 4.9 EB: fails anywhere
              ("generate.py --eval /dev/null", "--budget", "64", "--eval takes --eval-attn"),
              ("generate.py --eval /dev/null", "--prompt", "hi", "--eval runs the prompts of its .jsonl"),
              ("generate.py --no-think", "", "", "give --chat too"),
