@@ -291,9 +291,9 @@ class Selector:
         return pick_blocks(score, step.lengths, S, k_top, self.threshold or 0.0, self.read, self.total)
 
 
-# Decode-time helpers, each compiled into one graph on CUDA (a decode step at small batch is
-# a chain of tiny ops, each otherwise its own kernel), plain PyTorch elsewhere. Buffers passed
-# in (one layer's pooled stats, the token counters) are updated in place.
+# Decode-time helpers, those marked @fused each compiled into one graph on CUDA (a decode step
+# at small batch is a chain of tiny ops, each otherwise its own kernel), plain PyTorch elsewhere.
+# Buffers passed in (one layer's pooled stats, the token counters) are updated in place.
 
 @fused
 def pick_blocks(score, lengths, S: int, k: int, threshold: float, read, total):

@@ -1,7 +1,8 @@
 """Paged block-sparse GQA flash-decode in TileLang: one new query token per sequence.
 
-decode_attention(q, k_pages, v_pages, block_table, lengths, blocks=None, scale=None) has the
-signature of model.decode_attention_ref (the PyTorch reference; tests use their own float64 one):
+decode_attention(q, k_pages, v_pages, block_table, lengths, blocks=None, scale=None) takes the
+arguments of model.decode_attention_ref (the PyTorch reference; tests use their own float64 one)
+and a softmax scale (default 1/sqrt(D)):
 q [B, Hq, D] bf16/fp16; k_pages, v_pages [P, S, Hk, D] (one layer's page pool, K after RoPE);
 block_table [B, NBmax] int32 (logical block -> page); lengths [B] int32 (tokens incl. the new
 one); blocks None (dense: every block of the sequence) or [B, Hk, K] int32 logical block ids,

@@ -244,8 +244,9 @@ def qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages=None
 # table and dots them with it. The picking is one small program per row: it keeps the row's
 # scores in registers, finds the k-th largest by a bitwise search (32 counts over the row),
 # writes the chosen ids in block order and the new token's block, and adds the tokens read to
-# the counters. The search is 32 dependent reductions: cheap within a few warps, dear across
-# the 16 that the scoring wants, which is why the two are apart. The same program folds the
+# the counters. The search is up to 32 dependent reductions over the whole row, so it wants the
+# row in one small program, where the scoring wants it spread over NB / SCORE_BLK programs:
+# which is why the two are apart. The same program folds the
 # row's new key into its page's max / min / sum and, when the key fills the page, makes the
 # page's gate key as AttnGate.key does (rounding where PyTorch rounds). That page holds the
 # new token, so no score of this step reads its key.

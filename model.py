@@ -18,8 +18,8 @@ Three ways to run it:
   model.decode(tokens, block_table, lengths, cache, select)
                                     one token for each live sequence -> [B, V]
 Attention at decode goes through `decode_attention` (page tables, lengths, and an
-optional list of selected blocks per KV head), the one place a sparse selector and the
-TileLang kernel plug in.
+optional list of selected blocks per KV head, which the step's selector picks just before),
+the one place the TileLang kernel plugs in.
 """
 import argparse
 import functools

@@ -562,7 +562,7 @@ def gated_model(path, hq=4, hk=2, d=32, seed=0):
     return net
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]   # on CUDA, seer's decode runs gate.py's Triton kernels
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]   # on CUDA, seer's decode runs kernel_step.py's Triton kernels
 
 
 @pytest.mark.parametrize("dev", DEVICES)
