@@ -330,16 +330,18 @@ def save_checkpoint(model, opt, step, args, setup):
         raise SystemExit(f"error: could not save the step-{step} checkpoint to {args.out} ({e}); {kept}")
 
 
-def check_out(args):
+def check_out(args, rank):
     """--out must be a run's folder with --resume, else a new or empty one (no model or gates to
-    overwrite) that can be written: found now, not at the first save."""
+    overwrite) that can be written: found now, not at the first save. Only rank 0, which saves,
+    tries a write: check_writable makes and removes the folder, which would race across ranks."""
     if args.resume:
         return
     if os.path.isfile(os.path.join(args.out, "train_state.pt")):
         raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or pick another --out")
     if name := M.holds_model(args.out):
         raise ValueError(f"{args.out} already holds {name} (a model or gate folder): pick a new or empty --out")
-    M.check_writable(args.out)
+    if rank == 0:
+        M.check_writable(args.out)
 
 
 def load_checkpoint(model, opt, args, setup):
@@ -479,7 +481,7 @@ def main(argv=None):
     say = tqdm.write if rank == 0 else (lambda *_: None)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     try:
-        check_out(args)
+        check_out(args, rank)
         if args.random_init:
             net = random_model(args.random_init, args.device, dtype)
             g = torch.Generator().manual_seed(args.seed)
