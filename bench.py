@@ -365,7 +365,7 @@ def bench_e2e(args):
 def main(argv=None):
     import model as M
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=M.CLIHelp)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{kernel,e2e}")
     k = sub.add_parser("kernel", formatter_class=M.CLIHelp, help="block-sparse paged decode kernel vs dense SDPA")
     k.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 32], help="batch sizes")
     k.add_argument("--context", type=int, nargs="+", default=[8192, 32768, 65536, 131072],

@@ -271,6 +271,8 @@ def run(net, tok, eos, texts, args, attn, budget, block, graphs, on_token=None):
 
 def evaluate(net, tok, eos, args, graphs):
     """Every selector x budget x block size over the --eval records -> a table."""
+    def pct(x):                                     # a share, or "-" where there is none
+        return "-" if x is None else f"{x:.1%}"
     records = []
     with open(args.eval) as f:
         for n, line in enumerate(f, 1):
@@ -293,6 +295,9 @@ def evaluate(net, tok, eos, args, graphs):
                 tiny.parse_prompt(r["prompt"])
             except ValueError as e:
                 raise ValueError(f"{args.eval} record {n}: {e}")
+    elif all("<prog>" in r["prompt"] for r in records):
+        print("[these look like tiny-task problems (tiny.py data), scored here by a \\boxed{} answer: "
+              "give --task tiny to score them by the task's check]", file=sys.stderr)
     texts = [chat_prompt(r["prompt"], not args.no_think) if args.chat else r["prompt"] for r in records]
     budgets, blocks, attns = args.eval_budgets, args.eval_blocks, args.eval_attn.split(",")
     for attn in attns:                  # every row's setup checked before the first row runs
@@ -316,16 +321,16 @@ def evaluate(net, tok, eos, args, graphs):
                 steps = sum(s[2] for s in scores)
                 rows.append((attn, "-" if attn == "dense" else block, budget or "-",
                              sum(s[0] for s in scores) / len(scores),
-                             sum(s[1] for s in scores) / steps if steps else float("nan"),
+                             sum(s[1] for s in scores) / steps if steps else None,   # None: no steps (boxed)
                              sparsity, sum(map(len, out)) / len(out), dt))
                 print(f"  {rows[-1][0]:7s} block {rows[-1][1]!s:>3} budget {rows[-1][2]!s:>5}: "
-                      f"answer {rows[-1][3]:.1%} steps {rows[-1][4]:.1%} sparsity {sparsity:.1%} ({dt:.0f} s)",
+                      f"answer {rows[-1][3]:.1%} steps {pct(rows[-1][4])} sparsity {sparsity:.1%} ({dt:.0f} s)",
                       flush=True)
     print(f"\n{len(records)} problems from {args.eval}, {args.device}\n")
     print("| attn | block | budget | answer acc | step acc | sparsity | mean gen tokens |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for a, blk, b, acc, sacc, sp, n, _ in rows:
-        print(f"| {a} | {blk} | {b} | {acc:.1%} | {sacc:.1%} | {sp:.1%} | {n:.0f} |")
+        print(f"| {a} | {blk} | {b} | {acc:.1%} | {pct(sacc)} | {sp:.1%} | {n:.0f} |")
 
 
 def main(argv=None):
@@ -486,8 +491,10 @@ def main(argv=None):
     how = "" if args.attn == "dense" else f" block {args.block_size}"
     how += f" budget {args.budget}" if args.budget else (f" threshold {args.threshold}" if args.threshold else "")
     rate = f"{(n_gen - len(out)) / (dt - first):.1f}" if n_gen > len(out) else "-"   # after the first tokens
+    at_eos = sum(bool(o) and o[-1] in eos for o in out)  # the others stopped at their token limit
     print(f"[prompt tokens {sum(map(len, ids))} | first tokens after {first:.1f} s | generated tokens {n_gen} | "
-          f"decode {rate} tokens/s | attn {args.attn}{how} | sparsity {sparsity:.1%}]")
+          f"decode {rate} tokens/s | attn {args.attn}{how} | sparsity {sparsity:.1%} | "
+          f"ended by EOS {at_eos} of {len(out)}]")
 
 
 if __name__ == "__main__":

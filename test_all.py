@@ -1736,8 +1736,12 @@ def test_default_generate_runs_end_to_end_on_the_shipped_model():
     assert "[tiny task, problem seed 3]" in out
     assert re.search(r"\[answer (correct|WRONG) \(expected \d\) \| steps correct \d+/120\]", out)
     m = re.search(r"generated tokens (\d+) \| decode [\d.]+ tokens/s \| attn seer block 16 budget 512 "
-                  r"\| sparsity ([\d.]+)%", out)
+                  r"\| sparsity ([\d.]+)% \| ended by EOS 0 of 1\]", out)
     assert m and int(m.group(1)) == 120 and float(m.group(2)) > 50   # a 1.6K-token prompt, 512 tokens read per step
+    # a short problem the model finishes: its answer line, then EOS ends it before --max-new-tokens
+    prompt = tiny.make_problem(random.Random(0), n_x=20, n_y=5)["prompt"]
+    out = run_cli("generate.py", "--prompt", prompt, "--attn", "dense", "--max-new-tokens", "300").stdout
+    assert re.search(r"\nanswer = \d\n\[prompt tokens \d+ \|.*\| ended by EOS 1 of 1\]", out), out[-400:]
 
 
 def test_eval_mode_scores_problems_and_prints_every_row(tmp_path):

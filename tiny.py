@@ -316,10 +316,14 @@ def pretrain(args):
     bar = tqdm(range(args.steps), desc=f"pretrain {n_params / 1e6:.2f}M params")
     stop = []
     handlers = M.note_signals(stop)                      # Ctrl-C: end the step, save, stop
+
+    def show():
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}")
     for step in bar:
         # progress by steps or by time, whichever is further: the cosine always finishes in time
         progress = max(step / args.steps, (time.time() - t0) / budget)
         if (progress >= 1 or stop) and step:             # one step at least: the log and save need a loss
+            show()                                       # the last step's numbers (break closes the bar)
             break
         cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0)))
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * cosine
@@ -334,8 +338,8 @@ def pretrain(args):
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         tokens, done = tokens + ids.numel(), done + 1
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}")
+        if step % 20 == 0 or step == args.steps - 1:     # (loss.item() waits for the GPU: not every step)
+            show()
         if args.eval_every and step % args.eval_every == args.eval_every - 1:
             acc = heldout_accuracy(net, tok, args.device, args.seq_len)
             log["evals"].append(dict(step=step + 1, seconds=round(time.time() - t0), loss=round(loss.item(), 4), **acc))
@@ -356,7 +360,7 @@ def pretrain(args):
     log.update(steps=done, seconds=round(seconds), tokens=tokens, tokens_per_s=round(tokens / seconds),
                final_loss=round(loss.item(), 4), **acc)
     save_folder(net, tok, args.out, log)
-    print(f"pretrained {done} steps, {tokens / 1e6:.1f}M tokens in {seconds:.0f} s ({tokens / seconds:.0f} tokens/s) "
+    print(f"pretrained {done} steps, {tokens:,} tokens in {seconds:.0f} s ({tokens / seconds:.0f} tokens/s) "
           f"on {log['device']}; final loss {loss.item():.4f}; held-out teacher-forced token acc "
           f"{acc['token_acc']:.2%}, step acc {acc['step_acc']:.2%}, x lookups {acc['x_acc']:.2%}, "
           f"y lookups {acc['y_acc']:.2%}, signs {acc['sign_acc']:.2%}; saved {args.out}")
@@ -364,7 +368,7 @@ def pretrain(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=M.CLIHelp)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{data,pretrain}")
     d = sub.add_parser("data", formatter_class=M.CLIHelp, help="write problems as JSON lines {prompt, answer, text}")
     d.add_argument("--n", type=int, default=200, help="number of problems")
     d.add_argument("--seed", type=int, default=1, help="problem seed (pretraining draws from its own --seed)")
@@ -380,7 +384,8 @@ def main(argv=None):
                    help="output model folder, new or empty (rewritten at every eval and at the end)")
     t.add_argument("--steps", type=int, default=40000, help="optimizer steps at most (see --max-minutes)")
     t.add_argument("--max-minutes", type=float, default=10.0,
-                   help="wall-clock budget: the cosine schedule runs on max(step/steps, time/budget), stops at 1")
+                   help="wall-clock budget, checked between steps: the cosine schedule runs on max(step/steps, "
+                        "time/budget), stops at 1 (one step at least)")
     t.add_argument("--batch", type=int, default=32, help="rows of --seq-len tokens per step (shorter problems: "
                                                          "proportionally more of them)")
     t.add_argument("--seq-len", type=int, default=5120, help="tokens of the largest training problem (5120: 370 "

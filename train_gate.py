@@ -425,7 +425,9 @@ def parse(argv):
       help="share of each sequence before positions count in the loss, in [0, 1)")
     a("--q-chunk", type=int, default=2048, help="query rows per fused target pass (memory vs. speed)")
     a("--eval-every", type=int, default=100, help="evaluate recall every this many steps (0: only at the end)")
-    a("--eval-budgets", default="1024,2048,4096", help="token budgets for the recall table, comma-separated")
+    a("--eval-budgets", help="token budgets for the recall table, comma-separated (default: --seq-len / 32, / 16 "
+                             "and / 8 in whole blocks, e.g. 1024,2048,4096 at 32768: a budget that covers the "
+                             "sequence recalls everything)")
     a("--log-every", type=int, default=10, help="print a log line every this many steps (0: only the last step)")
     a("--save-every", type=int, default=100,
       help="checkpoint every this many steps, and at the end (0: only at the end)")
@@ -444,7 +446,7 @@ def parse(argv):
         p.error(f"--gate-hidden must be even (RoPE turns pairs), got {args.gate_hidden}")
     M.check_device(p, args.device)
     try:
-        budgets = [int(b) for b in args.eval_budgets.split(",") if b]
+        budgets = [int(b) for b in (args.eval_budgets or "").split(",") if b]
     except ValueError:
         p.error(f"--eval-budgets {args.eval_budgets}: integers, comma-separated")
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -464,7 +466,9 @@ def parse(argv):
         p.error(f"--batch {args.batch} must be a multiple of --micro-batch {args.micro_batch} x {world} rank(s)")
     if not 0 <= args.loss_from < 1:
         p.error(f"--loss-from must be in [0, 1), got {args.loss_from}")
-    if any(b < args.block_size or b % args.block_size for b in budgets):
+    S = args.block_size
+    budgets = budgets or sorted({max(S, args.seq_len // f // S * S) for f in (32, 16, 8)})
+    if any(b < S or b % S for b in budgets):
         p.error(f"--eval-budgets {args.eval_budgets}: each must be a positive multiple of {args.block_size}")
     args.budgets = budgets
     return args
@@ -622,7 +626,8 @@ def main(argv=None):
             evaluate()
         if rank == 0:
             save_checkpoint(net, opt, step, args, setup)
-            say(f"saved step {step} to {args.out}")
+            say(f"saved step {step} to {args.out}" + (f" (of {args.steps}: continue with --resume)"
+                                                        if step < args.steps and not stop else ""))
         if world > 1:
             dist.barrier()
     finally:
