@@ -1433,6 +1433,17 @@ def test_data_formats_skip_and_count_bad_lines_and_short_sequences(setup, capsys
         "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
 
 
+def test_train_gate_default_recall_budgets_follow_the_sequence_length():
+    """Budgets that cover the whole sequence recall everything: the default stays below it."""
+    def budgets(*extra):
+        return TG.parse(["--model", "m", "--data", "d", "--out", "o", *extra]).budgets
+    assert budgets() == [1024, 2048, 4096]                                # --seq-len 32768, block 64
+    assert budgets("--seq-len", "1024", "--block-size", "16") == [32, 64, 128]
+    assert budgets("--seq-len", "4224", "--block-size", "64") == [128, 256, 512]   # whole blocks
+    assert budgets("--seq-len", "32", "--block-size", "16") == [16]
+    assert budgets("--seq-len", "1024", "--eval-budgets", "64,2048") == [64, 2048]   # as given
+
+
 def test_train_gate_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys):
     d, model, data = setup
     bad = write_jsonl(tmp_path / "bad.jsonl", ["{oops", "[1, 2]", '{"txt": "x"}'])
