@@ -14,11 +14,11 @@ probability, over complete blocks before t's own block, renormalised — [L, L] 
 exist. Loss: KL(T || softmax(gate)) over the last (1 - --loss-from) of each sequence, heads and
 layers, times --loss-scale. Only gate parameters train (float32, AdamW); data-parallel ranks
 all-reduce their gradients. A checkpoint's files (the gate folder's, train_state.pt) are each
-written atomically, the state last; --resume continues where a run stopped (within ~1e-7, not bit for
-bit: torch.compile's first-shape and dynamic kernels round differently on CUDA, and MKL's matmuls
-by their buffers' memory alignment on the CPU),
-Ctrl-C / SIGTERM save first (a second Ctrl-C stops at once, unsaved). Not here: FSDP (the gates
-are small, every rank holds them all) and sequence parallelism.
+written atomically, the state last; --resume continues where a run stopped (within ~1e-7, not
+bit for bit: torch.compile's first-shape and dynamic kernels round differently on CUDA, and MKL's
+matmuls by their buffers' memory alignment on the CPU), Ctrl-C / SIGTERM save first (a second
+Ctrl-C stops at once, unsaved). Not here: FSDP (the gates are small, every rank holds them all)
+and sequence parallelism.
 Shapes: T tokens, Hq/Hk query/KV heads, G = Hq // Hk, D head_dim, S block, NB = T // S complete
 blocks, C queries in a chunk.
 """
