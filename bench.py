@@ -9,6 +9,7 @@ excluded, as in a graph-captured decode step), each replay running the call on s
 sets of pages so that the bytes of one call are not served from L2 by the previous one.
 """
 import argparse
+import faulthandler
 import importlib.util
 import math
 import os
@@ -172,6 +173,8 @@ def plot(rows, path, dev):
 # ---- e2e: whole-model decode ----
 
 BLOCK = 64   # e2e's page and gate block size (the published gates')
+STALL_S = 120  # an e2e row still running after this long prints every thread's stack to stderr, and again
+               # each STALL_S (rows take 3-30 s on an H200; the grid stalled three times, cause unknown: README)
 
 def random_model(shape):
     """Qwen3 of a published shape, random bf16 weights, on the GPU (no download)."""
@@ -341,7 +344,9 @@ def bench_e2e(args):
                     continue
                 dense = None
                 for attn, budget in [("dense", None)] + [("seer", b) for b in args.budget]:
+                    faulthandler.dump_traceback_later(STALL_S, repeat=True)
                     ms, sp, prof = bench_ours(net, B, ctx, attn, budget, args.steps, profile=args.profile)
+                    faulthandler.cancel_dump_traceback_later()
                     dense = dense or ms
                     floor = step_bytes(net, B, ctx + args.steps // 2, sp, BLOCK, attn == "seer") / copy_gbs / 1e6
                     ours.setdefault((shape, B, ctx), []).append((f"{attn} {budget}" if budget else attn, ms))
