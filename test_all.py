@@ -1404,9 +1404,10 @@ def test_failed_save_leaves_previous_checkpoint_intact(setup, monkeypatch):
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
 
 
-def test_trained_gate_folder_runs_in_generate_seer(setup):
+def test_trained_gate_folder_runs_in_generate_seer(setup, capsys):
     d, model, data = setup
     TG.main(base_args(model, data, d / "gen", "--steps", "2", "--eval-seqs", "0"))
+    assert "--warmup 20 >= --steps 2: the learning rate warms up to 2/20 of --lr" in capsys.readouterr().out
     r = run_cli("generate.py", "--model", model, "--gate", str(d / "gen"), "--attn", "seer", "--budget", "32",
                 "--block-size", "16", "--max-new-tokens", "8", "--prompt", " ".join(word_docs(1, 60)[0].split()))
     assert "attn seer block 16 budget 32" in r.stdout

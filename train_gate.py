@@ -484,6 +484,9 @@ def main(argv=None):
             torch.cuda.set_device(args.device)
     say = tqdm.write if rank == 0 else (lambda *_: None)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    if args.warmup >= args.steps:
+        say(f"[--warmup {args.warmup} >= --steps {args.steps}: the learning rate warms up to "
+            f"{args.steps}/{args.warmup} of --lr and never decays]")
     try:
         check_out(args, rank)
         if args.random_init:
