@@ -842,9 +842,9 @@ import triton, kernel_step as KS, train_gate as TG
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 ptr, i32, f32 = "*bf16", "i32", "fp32"
-def build(kernel, args, consts):
+def build(kernel, args, consts, **options):
     sig = {**args, **{k: "constexpr" for k in consts}}
-    triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=options)
 build(KS._seer_score_kernel, dict(shares="*fp32", positions="*i64", qnorm=ptr, inv_freq="*fp32", eps=f32, gate_k=ptr,
                                   table="*i32", lengths="*i32", scores="*fp32", NB=i32, P=i32, scale=f32),
       dict(Hk=8, G=4, G_P2=4, DG=128, S=64, BLK=KS.SCORE_BLK, HAS_NORM=True, PDL=True))
@@ -868,7 +868,7 @@ for add in (False, True):
           dict(BH=4096, ADD=add, PDL=True))
 build(TG._block_stats_kernel, dict(Q=ptr, K=ptr, BMAX="*fp32", BLSE="*fp32", LSE="*fp32", t0=i32, n_rows=i32,
                                    scale=f32, sq_t=i32, sq_h=i32, sk_t=i32, sk_h=i32, so_h=i32, so_j=i32),
-      dict(G=4, D=128, S=64, BLOCK_M=64, WITH_BLSE=True))   # training's target kernel
+      dict(G=4, D=128, S=64, BLOCK_M=256, WITH_BLSE=True), num_warps=8, num_stages=2)   # training's target kernel
 print("built")
 """
 
