@@ -313,10 +313,15 @@ def evaluate(net, tok, eos, args, graphs):
             for budget in [None] if attn == "dense" else budgets:
                 if budget is not None and budget % block:
                     continue
-                with tqdm(desc=f"{attn} block {block} budget {budget}", unit=" tok", leave=False,
-                          dynamic_ncols=True) as bar:                  # tokens generated so far
+                made = [0] * len(texts)
+
+                def count(i, t):            # an ended sequence's unused --max-new-tokens count as done
+                    made[i] += 1
+                    bar.update(args.max_new_tokens - made[i] + 1 if t in eos else 1)
+                with tqdm(total=len(texts) * args.max_new_tokens, desc=f"{attn} block {block} budget {budget}",
+                          unit=" tok", leave=False, dynamic_ncols=True) as bar:
                     _, out, sparsity, dt, _ = run(net, tok, eos, texts, args, attn, budget, block,
-                                                  graphs, on_token=lambda i, t: bar.update())
+                                                  graphs, on_token=count)
                 scores = [score(args.task, r, tok.decode(o)) for r, o in zip(records, out)]
                 steps = sum(s[2] for s in scores)
                 rows.append((attn, "-" if attn == "dense" else block, budget or "-",
