@@ -185,9 +185,10 @@ if triton is not None:
 
 def block_stats_triton(qr, kr, t0, t1, S, with_blse=False, block_m=256):
     """Same contract as block_stats_torch, one Triton pass over the keys (S >= 16; S and D powers of two).
-    256 rows a program, 8 warps, 2 stages: the fastest of ten launches tried (64-256 rows, 4-8 warps,
-    1-4 stages) at Qwen3-4B / 8B heads, S 64, rows 16K-32K of 32K: 10.8 ms a layer, 12.2 at 64 / 4 / 3,
-    the same outputs bit for bit (train_gate at 32K, 4B: 18.1K -> 18.9K tokens/s; H200, 2026-12-03)."""
+    256 rows a program, 4 warps, 2 stages: the fastest of 17 launches tried (64-512 rows, 4-16 warps,
+    1-4 stages) at Qwen3-4B / 8B heads, S 64, rows 16K-32K of 32K: 10.5 ms a layer against 11.1 at
+    256 / 8 / 2 and 12.5 at 64 / 4 / 3, the same outputs bit for bit (H200, 2026-12-03). train_gate 4B
+    at 32K: 18.1K -> 18.9K tokens/s at 256 / 8 / 2 (4 / 2 not run end to end)."""
     T, Hq, D = qr.shape
     Hk, C, nball = kr.shape[1], t1 - t0, -(-T // S)
     assert qr.stride(2) == 1 and kr.stride(2) == 1
@@ -197,7 +198,7 @@ def block_stats_triton(qr, kr, t0, t1, S, with_blse=False, block_m=256):
     grid = (Hq, triton.cdiv(C, block_m))             # heads of one group side by side: they share K in L2
     _block_stats_kernel[grid](qr, kr, bmax, blse, lse, t0, C, 1 / math.sqrt(D), qr.stride(0), qr.stride(1),
                               kr.stride(0), kr.stride(1), nball * C, C, G=Hq // Hk, D=D, S=S, BLOCK_M=block_m,
-                              WITH_BLSE=with_blse, num_warps=8, num_stages=2)
+                              WITH_BLSE=with_blse, num_warps=4, num_stages=2)
     view = lambda x: x.permute(2, 0, 1).view(C, Hk, Hq // Hk, nball)    # [C, Hk, G, NBall]
     return view(bmax), view(blse) if with_blse else None, lse.T.view(C, Hk, Hq // Hk)
 
