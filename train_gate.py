@@ -183,12 +183,13 @@ if triton is not None:
         tl.store(LSE + h * n_rows + r, m + tl.log(l), mask=r < n_rows)
 
 
-def block_stats_triton(qr, kr, t0, t1, S, with_blse=False, block_m=256):
+def block_stats_triton(qr, kr, t0, t1, S, with_blse=False):
     """Same contract as block_stats_torch, one Triton pass over the keys (S >= 16; S and D powers of two).
-    256 rows a program, 4 warps, 2 stages: the fastest of 17 launches tried (64-512 rows, 4-16 warps,
+    The launch, 256 rows a program, 4 warps, 2 stages: the fastest of 17 tried (64-512 rows, 4-16 warps,
     1-4 stages) at Qwen3-4B / 8B heads, S 64, rows 16K-32K of 32K: 10.5 ms a layer against 11.1 at
     256 / 8 / 2 and 12.5 at 64 / 4 / 3, the same outputs bit for bit (H200, 2026-12-03). train_gate 4B
     at 32K: 18.1K -> 18.9K tokens/s at 256 / 8 / 2 (4 / 2 not run end to end)."""
+    block_m = 256
     T, Hq, D = qr.shape
     Hk, C, nball = kr.shape[1], t1 - t0, -(-T // S)
     assert qr.stride(2) == 1 and kr.stride(2) == 1
