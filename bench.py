@@ -345,8 +345,10 @@ def bench_e2e(args):
                 dense = None
                 for attn, budget in [("dense", None)] + [("seer", b) for b in args.budget]:
                     faulthandler.dump_traceback_later(STALL_S, repeat=True)
-                    ms, sp, prof = bench_ours(net, B, ctx, attn, budget, args.steps, profile=args.profile)
-                    faulthandler.cancel_dump_traceback_later()
+                    try:
+                        ms, sp, prof = bench_ours(net, B, ctx, attn, budget, args.steps, profile=args.profile)
+                    finally:
+                        faulthandler.cancel_dump_traceback_later()
                     dense = dense or ms
                     floor = step_bytes(net, B, ctx + args.steps // 2, sp, BLOCK, attn == "seer") / copy_gbs / 1e6
                     ours.setdefault((shape, B, ctx), []).append((f"{attn} {budget}" if budget else attn, ms))
