@@ -410,12 +410,14 @@ class Qwen3(nn.Module):
             try:
                 with safe_open(os.path.join(path, fname), framework="pt", device=str(device)) as f:
                     for name in f.keys():
-                        key = name.removeprefix("model.")
-                        if key == "lm_head.weight" and cfg.tie_word_embeddings:
-                            continue  # some tied checkpoints still store a copy
-                        state[key] = f.get_tensor(name)
+                        state[name.removeprefix("model.")] = f.get_tensor(name)
             except SafetensorError as e:
                 raise ValueError(f"{os.path.join(path, fname)}: cannot read it ({e})")
+        if cfg.tie_word_embeddings and "lm_head.weight" in state:   # some tied checkpoints store a copy
+            copy = state.pop("lm_head.weight")
+            if "embed_tokens.weight" in state and not torch.equal(copy, state["embed_tokens.weight"]):
+                raise ValueError(f"{path}: config.json ties lm_head to the embedding, but the checkpoint stores a "
+                                 "different lm_head.weight: set tie_word_embeddings to false to use it, or delete it")
         missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not match the config: missing {missing[:4]}"

@@ -10,6 +10,7 @@ for them, kernel_step.py); the gate, pooled keys and selectors (gate.py; seer's 
 CUDA-graph decode path; the decode kernel (kernel_decode.py); gate training (train_gate.py); the
 tiny task and the shipped tiny model (tiny.py, tiny/).
 """
+import argparse
 import faulthandler
 import functools
 import json
@@ -89,13 +90,18 @@ def test_prefill_logits_match_transformers(tmp_path, tied, hq, hk, d, shard):
         cache = M.PagedKVCache(ours.config, num_pages=8, page_size=16)
         last = ours.prefill(ids[0].tolist(), "a", cache)
         assert (last - ref[0, -1]).abs().max() <= 1e-4
-    if tied and not shard:   # a tied checkpoint that also stores lm_head.weight: tied as transformers ties it
-        from safetensors.torch import load_file, save_file
+    if tied and not shard:   # a tied checkpoint that also stores lm_head.weight: an equal copy loads as
+        from safetensors.torch import load_file, save_file   # transformers loads it; another one is an error
         w = load_file(tmp_path / "model.safetensors")
+        save_file({**w, "lm_head.weight": w["model.embed_tokens.weight"].clone()}, tmp_path / "model.safetensors",
+                  metadata={"format": "pt"})
+        with torch.no_grad():
+            ref = type(hf).from_pretrained(str(tmp_path)).float().eval()(ids).logits
+            assert (M.Qwen3.from_pretrained(str(tmp_path))(ids) - ref).abs().max() <= 1e-4
         save_file({**w, "lm_head.weight": torch.randn_like(w["model.embed_tokens.weight"])},
                   tmp_path / "model.safetensors", metadata={"format": "pt"})
-        with torch.no_grad():
-            assert (M.Qwen3.from_pretrained(str(tmp_path))(ids) - ref).abs().max() <= 1e-4
+        with pytest.raises(ValueError, match="different lm_head.weight"):
+            M.Qwen3.from_pretrained(str(tmp_path))
 
 
 @pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=cuda)])
@@ -321,12 +327,20 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, caps
         assert code not in (0, None) and re.search(msg, err), (script, flag, value, err)
 
 
-def test_kv_pool_for_a_huge_max_new_tokens_is_what_generate_can_use(capsys):
+def test_kv_pool_for_a_huge_max_new_tokens_is_what_generate_can_use():
     """The pool holds what generate lets a sequence have: its prompt and new tokens up to
     max_position_embeddings (one new token at least), not --max-new-tokens' worth."""
     assert gen.pages_needed([[1] * 10, [1] * 1000], 10 ** 9, 16, 1024) == 2 * 64
     assert gen.pages_needed([[1] * 1024], 10 ** 9, 16, 1024) == 65        # 1024 + 1 positions
     assert gen.pages_needed([[1] * 10, [1] * 20], 7, 16, 1024) == 2 + 2
+    cfg = M.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
+    net, prompts = M.Qwen3(cfg).eval(), [[1] * 10, [2] * 40]
+    with torch.no_grad():                                                 # 64 positions each: 4 + 4 pages
+        out = gen.generate(net, M.PagedKVCache(cfg, 8, 16), prompts, 10 ** 9)
+        assert [len(o) for o in out] == [54, 24]
+        with pytest.raises(M.CacheFull):
+            gen.generate(net, M.PagedKVCache(cfg, 7, 16), prompts, 10 ** 9)
 
 
 def test_generate_takes_a_single_gates_block_size_and_flags_unknown_words(capsys):
@@ -338,20 +352,25 @@ def test_generate_takes_a_single_gates_block_size_and_flags_unknown_words(capsys
     assert "1 prompt word(s) not in the tokenizer's vocabulary, read as <pad>" in err, err
 
 
-def test_help_shows_each_flags_default_once(capsys):
-    """Every script's --help (model.CLIHelp): a flag's default appears once, added as "(default: x)"
-    unless the help text already speaks of its default, and never for an unset one."""
+def test_help_shows_each_flags_default_once(capsys, monkeypatch):
+    """Every script's --help (model.CLIHelp): each flag with a default shows it once, added as
+    "(default: x)" unless the help text already speaks of its default, and never for an unset one."""
+    parsers, format_help = [], argparse.ArgumentParser.format_help
+    monkeypatch.setattr(argparse.ArgumentParser, "format_help", lambda self: parsers.append(self) or format_help(self))
     for script in ("generate.py", "train_gate.py", "bench.py e2e", "bench.py kernel", "tiny.py pretrain",
                    "tiny.py data"):
         code, out, _ = run_script(capsys, script, "--help")
-        entries = re.split(r"\n  (?=-)", out)[1:]                           # one flag each
+        entries = [" ".join(e.split()) for e in re.split(r"\n  (?=-)", out)[1:]]   # one flag each, unwrapped
         assert code == 0 and len(entries) >= 3, out
-        for entry in entries:
-            added = len(re.findall(r"\(default:\s", entry))
-            assert added <= 1 and not (added and entry.count("default") > 1), (script, entry)
-            assert not re.search(r"\(default:\s+(None|False|\[\])\)", entry), (script, entry)
-        if script == "generate.py":
-            assert re.search(r"0 = greedy; > 0 samples\s+\(default:\s+0\.0\)", out)
+        for a in parsers[-1]._actions:
+            if a.help == argparse.SUPPRESS or not a.option_strings or a.default == argparse.SUPPRESS:
+                continue
+            entry, = [e for e in entries if re.match(re.escape(a.option_strings[0]) + r"(?=[\s,]|$)", e)]
+            added = entry.count("(default: ") - a.help.count("(default: ")
+            if a.default in (None, []) or a.default is False or "default" in a.help:   # unset, or stated
+                assert added == 0, (script, entry)
+            else:
+                assert added == 1 and f"(default: {a.default})" in entry, (script, entry)
 
 
 def word_tokenizer(path):
@@ -647,6 +666,7 @@ def test_oracle_picks_blocks_of_highest_true_attention_and_quest_bounds_qk(tmp_p
         cache.allocate(0, 62)
         net.decode(torch.tensor([5]), cache.block_table([0]), torch.tensor([61], dtype=torch.int32), cache,
                    Spy(sel, captured))
+        assert sorted(captured) == list(range(len(net.layers))), attn       # every layer asked the selector
         for layer, (qr, blocks, table, lengths) in captured.items():
             L, S, Hk, D = int(lengths[0]), 8, 2, 32
             cur = (L - 1) // S
@@ -713,6 +733,7 @@ def test_seer_decode_picks_the_top_blocks_of_the_float64_gate_scores(tmp_path, d
         captured.clear()
         net.decode(torch.tensor([ids[n]], device=dev), cache.block_table([0]),
                    torch.tensor([n], dtype=torch.int32, device=dev), cache, Spy(sel, captured))
+    assert sorted(captured) == list(range(len(net.layers)))             # every layer asked the selector
     for i, (qr, blocks, table, lengths) in captured.items():
         q, k = (torch.cat(t) for t in zip(*seen[i]))         # [70, Hq, D], [70, Hk, D]
         score = gate_scores64(net.layers[i].self_attn.attn_gate, q, k)[69]   # [Hk, NB] at the last token
@@ -1118,12 +1139,15 @@ def test_decode_kernel_skips_bad_block_ids_and_check_rejects_them():
     out = run_kernel(q, k, v, table, lengths, bad, check=False)   # unchecked: skipped, not read
     ref = reference_decode(q, k, v, table, lengths, blocks, 1 / math.sqrt(64))
     assert rel_err(out, ref) <= 1e-2
-    with pytest.raises(ValueError):
-        run_kernel(q, k, v, table, lengths, bad)                         # checked (the default)
+    for s, h, bad_id in ((0, 0, 10), (1, 1, 10**6)):   # checked (the default), each bad id on its own
+        one = blocks.clone()
+        one[s, h, one[s, h].tolist().index(-1)] = bad_id
+        with pytest.raises(ValueError, match="outside \\[-1"):
+            run_kernel(q, k, v, table, lengths, one)
     dup = blocks.clone()
     row = dup[1, 0].tolist()
     dup[1, 0, row.index(-1)] = max(row)                 # a repeated id
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="repeats"):
         run_kernel(q, k, v, table, lengths, dup)
     run_kernel(q, k, v, table, lengths, blocks)
 
@@ -1327,7 +1351,6 @@ def test_loss_falls_over_30_steps_and_gate_recall_improves(setup):
     rec = hist["recall"][30]
     for name, budget in [k for k in rec if isinstance(k, tuple) and len(k) == 2]:   # (far needles: own test)
         assert 0 < rec[name, budget] <= 1 + 1e-6, (name, budget)
-        assert rec[name, 32] >= rec[name, 16] - 1e-6
         assert rec["oracle", budget] >= rec["gate", budget] - 0.02         # ranking by block max is near-optimal
     assert rec["gate", 16] > hist["recall"][0]["gate", 16] + 0.02       # training helped the selection
 
@@ -1410,7 +1433,8 @@ def test_trained_gate_folder_runs_in_generate_seer(setup, capsys):
     assert "--warmup 20 >= --steps 2: the learning rate warms up to 2/20 of --lr" in capsys.readouterr().out
     r = run_cli("generate.py", "--model", model, "--gate", str(d / "gen"), "--attn", "seer", "--budget", "32",
                 "--block-size", "16", "--max-new-tokens", "8", "--prompt", " ".join(word_docs(1, 60)[0].split()))
-    assert "attn seer block 16 budget 32" in r.stdout
+    m = re.search(r"attn seer block 16 budget 32 \| sparsity ([\d.]+)%", r.stdout)   # ~60 tokens, 32 read a step
+    assert m and float(m.group(1)) > 10, r.stdout
 
 
 def test_data_formats_skip_and_count_bad_lines_and_short_sequences(setup, capsys):
@@ -1725,7 +1749,7 @@ def test_pretrain_smoke_folder_loads_in_ours_and_transformers_with_equal_logits(
     assert (out / "model.safetensors").read_bytes() == before
 
 
-def test_shipped_tiny_folder_and_gates_load_in_ours_and_transformers_with_equal_logits():
+def test_shipped_tiny_model_equals_transformers_does_its_lookups_and_its_gates_load():
     path = os.path.join(HERE, "tiny")
     assert sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) < 10e6
     p = tiny.make_problem(random.Random(3), 30, 8)
@@ -1877,8 +1901,9 @@ def test_save_stopped_midway_leaves_the_previous_save_whole(tmp_path, monkeypatc
     tiny.save_folder(net, tok, out, dict(step=1))
     before = {f: (tmp_path / f).read_bytes() for f in os.listdir(out)}
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt                                            # Ctrl-C while the weights are written
+    def interrupted(tensors, filename, *args, **kwargs):
+        open(filename, "wb").write(b"partial")                             # Ctrl-C while the weights are written
+        raise KeyboardInterrupt
     def open_then_interrupted(path, mode="r", *args, **kwargs):
         f = open(path, mode, *args, **kwargs)
         if "w" in mode:                                                    # Ctrl-C right after a file is opened
