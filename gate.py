@@ -121,6 +121,14 @@ def save_gates(model, path, extra_config=None):
     write_folder(path, {k: v.detach().float().contiguous().cpu() for k, v in gate_state(model).items()}, cfg)
 
 
+def gate_block_size(gcfg, path):
+    """A gate folder's block size, from its config.json (the published default: 64)."""
+    S = gcfg.get("seerattn_gate_block_size", 64)
+    if type(S) is not int or S < 1:
+        raise ValueError(f"{path}/config.json: seerattn_gate_block_size {S!r} is not a positive integer")
+    return S
+
+
 def load_gates(model, path):
     """Attach the gates of a gate folder (ours or the published layout) to model; checks they fit."""
     from safetensors import SafetensorError
@@ -156,7 +164,7 @@ def load_gates(model, path):
         raise ValueError(f"{path}: gate folder{base} does not fit this model: {', '.join(diff)}")
     use_norm = "model.layers.0.self_attn.attn_gate.attngate_qnorm.weight" in state
     before = [getattr(layer.self_attn, "attn_gate", None) for layer in model.layers]   # kept if a layer fails
-    attach_gates(model, dg, gcfg.get("seerattn_gate_block_size", 64), use_norm)
+    attach_gates(model, dg, gate_block_size(gcfg, path), use_norm)
     p = next(model.parameters())
     for i, layer in enumerate(model.layers):
         prefix = f"model.layers.{i}.self_attn.attn_gate."

@@ -7,6 +7,7 @@ new token per live sequence per step; a sequence that hits EOS frees its pages w
 others go on.
 """
 import argparse
+import contextlib
 import functools
 import glob
 import json
@@ -27,8 +28,7 @@ def eos_ids(path):
     for name in ("generation_config.json", "config.json"):
         f = os.path.join(path, name)
         if os.path.isfile(f):
-            with open(f) as fh:
-                eos = json.load(fh).get("eos_token_id")
+            eos = M.read_json(f).get("eos_token_id")
             if eos is not None:
                 return set(eos) if isinstance(eos, list) else {eos}
     return set()
@@ -194,7 +194,7 @@ def gates_by_block_size(gate_dirs):
     """The --gate folders as {block size: folder} (a gate is trained for one block size)."""
     sizes = {}
     for d in gate_dirs:
-        S = M.read_config(d, "a gate folder").get("seerattn_gate_block_size", 64)
+        S = GT.gate_block_size(M.read_config(d, "a gate folder"), d)
         if S in sizes:
             raise ValueError(f"--gate {sizes[S]} and --gate {d} are both for block size {S}: give one")
         sizes[S] = d
@@ -203,6 +203,8 @@ def gates_by_block_size(gate_dirs):
 
 def pick_gate(gates, block_size):
     """The folder of gates ({block size: folder}) trained for this block size."""
+    if not gates:
+        raise ValueError("seer needs gates: give --gate DIR")
     if block_size not in gates:
         raise ValueError(f"no gate for block size {block_size} (have {sorted(gates)}); "
                          f"set --block-size (--eval-blocks with --eval) or give a matching --gate")
@@ -269,23 +271,34 @@ def run(net, tok, eos, texts, args, attn, budget, block, graphs, on_token=None):
     return ids, out, select.sparsity(), time.perf_counter() - t0, first
 
 
+def progress(n_seqs, max_new_tokens, eos, desc):
+    """A bar over n_seqs x max_new_tokens new tokens and the on_token that moves it: a sequence
+    ended by EOS counts its unused tokens as done."""
+    made = [0] * n_seqs
+    bar = tqdm(total=n_seqs * max_new_tokens, desc=desc, unit=" tok", leave=False, dynamic_ncols=True)
+
+    def on_token(i, t):
+        made[i] += 1
+        bar.update(max_new_tokens - made[i] + 1 if t in eos else 1)
+    return bar, on_token
+
+
 def evaluate(net, tok, eos, args, graphs):
     """Every selector x budget x block size over the --eval records -> a table."""
     def pct(x):                                     # a share, or "-" where there is none
         return "-" if x is None else f"{x:.1%}"
     records = []
-    with open(args.eval) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{args.eval} line {n}: not JSON ({e})")
-                if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or \
-                        not isinstance(r.get("answer"), str):
-                    raise ValueError(f"{args.eval} line {n}: need a JSON object with a string 'prompt' and a "
-                                     "string 'answer'")
-                records.append(r)
+    for n, line in enumerate(M.read_lines(args.eval), 1):
+        if line.strip():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{args.eval} line {n}: not JSON ({e})")
+            if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or \
+                    not isinstance(r.get("answer"), str):
+                raise ValueError(f"{args.eval} line {n}: need a JSON object with a string 'prompt' and a "
+                                 "string 'answer'")
+            records.append(r)
     if not records:
         raise ValueError(f"{args.eval}: no records (JSON lines with 'prompt' and 'answer')")
     if args.task == "tiny":
@@ -305,6 +318,11 @@ def evaluate(net, tok, eos, args, graphs):
             raise ValueError(f"--eval-attn: unknown selector {attn!r}; choose from {', '.join(GT.SELECTORS)}")
         if attn != "dense" and not any(b % block == 0 for b in budgets for block in blocks):
             raise ValueError(f"--eval-budgets {budgets}: none is a multiple of a block size in {blocks}")
+    if attns != ["dense"]:              # the pairs left out below, said once
+        unused = [f"block {k} with budget {', '.join(str(b) for b in budgets if b % k)}" for k in blocks
+                  if any(b % k for b in budgets)]
+        if unused:
+            print(f"[left out, as a budget is whole blocks: {'; '.join(unused)}]", file=sys.stderr)
     for block in blocks if "seer" in attns else []:
         GT.load_gates(net, pick_gate(args.gates, block))  # each fits the model (loaded again in its rows)
     rows = []
@@ -313,13 +331,8 @@ def evaluate(net, tok, eos, args, graphs):
             for budget in [None] if attn == "dense" else budgets:
                 if budget is not None and budget % block:
                     continue
-                made = [0] * len(texts)
-
-                def count(i, t):            # an ended sequence's unused --max-new-tokens count as done
-                    made[i] += 1
-                    bar.update(args.max_new_tokens - made[i] + 1 if t in eos else 1)
-                with tqdm(total=len(texts) * args.max_new_tokens, desc=f"{attn} block {block} budget {budget}",
-                          unit=" tok", leave=False, dynamic_ncols=True) as bar:
+                bar, count = progress(len(texts), args.max_new_tokens, eos, f"{attn} block {block} budget {budget}")
+                with bar:
                     _, out, sparsity, dt, _ = run(net, tok, eos, texts, args, attn, budget, block,
                                                   graphs, on_token=count)
                 scores = [score(args.task, r, tok.decode(o)) for r, o in zip(records, out)]
@@ -355,15 +368,17 @@ def main(argv=None):
                                          "--block-size's default)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the Qwen3 chat template")
     p.add_argument("--no-think", action="store_true", help="with --chat: thinking mode off (empty think block)")
-    p.add_argument("--max-new-tokens", type=int, help="stop each sequence after this many new tokens "
-                                                      "(default 256; 8192 for the tiny task)")
+    p.add_argument("--max-new-tokens", type=int, help="stop each sequence after this many new tokens, or "
+                                                      "at the model's max_position_embeddings (default 256; 8192 "
+                                                      "for the tiny task)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, help="sampling seed (default 0); with the shipped model also its "
                                             "problem's seed, a random one if not given")
     p.add_argument("--attn", default=None, choices=GT.SELECTORS,
-                   help="which KV blocks each decode step reads: all (dense, the default), the gate's top blocks "
-                        "(seer, the default for the tiny model), Quest's bound, the exact attention's top blocks "
+                   help="which KV blocks each decode step reads: all (dense, the default without --gate), the "
+                        "gate's top blocks (seer, the default with --gate and for the tiny model), Quest's bound, "
+                        "the exact attention's top blocks "
                         "(oracle), or the most recent (window)")
     p.add_argument("--gate", action="append", default=[],
                    help="gate folder for --attn seer; repeat to give one per block size")
@@ -398,8 +413,8 @@ def main(argv=None):
         p.error("--eval runs the prompts of its .jsonl: drop --prompt / --prompts-file")
     if args.no_think and not args.chat:
         p.error("--no-think sets the chat template's thinking mode: give --chat too")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        p.error(f"need --temperature >= 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
+    if not 0 <= args.temperature < float("inf") or not 0 < args.top_p <= 1:   # (NaN fails both)
+        p.error(f"need a finite --temperature >= 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
     if args.block_size is not None and args.block_size < 1:
         p.error(f"--block-size must be >= 1, got {args.block_size}")
     try:
@@ -433,7 +448,7 @@ def main(argv=None):
     block = next(iter(args.gates)) if len(args.gates) == 1 else 16 if tiny_default else 64
     args.block_size = args.block_size or block
     args.eval_blocks = args.eval_blocks or [block]
-    args.attn = args.attn or "dense"
+    args.attn = args.attn or ("seer" if args.gates else "dense")
     args.task = args.task or "boxed"
     args.seed = args.seed or 0
     if args.max_new_tokens is None:
@@ -444,8 +459,10 @@ def main(argv=None):
     if args.prompts_file:
         if why := M.unreadable(args.prompts_file):
             raise SystemExit(f"error: --prompts-file {args.prompts_file} {why}")
-        with open(args.prompts_file) as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            prompts += [line.rstrip("\n") for line in M.read_lines(args.prompts_file) if line.strip()]
+        except ValueError as e:
+            raise SystemExit(f"error: --prompts-file {e}")
     if not prompts and not args.eval:
         raise SystemExit(f"error: --prompts-file {args.prompts_file} holds no prompt" if args.prompts_file else
                          "error: give --prompt TEXT (repeatable), --prompts-file FILE or --eval FILE.jsonl")
@@ -479,9 +496,12 @@ def main(argv=None):
                 sys.stdout.flush()
                 start[:] = [start[1], len(seen)]
 
-        stream = len(texts) == 1
-        ids, out, sparsity, dt, first = run(net, tok, eos, texts, args, args.attn, args.budget, args.block_size,
-                                            graphs, on_token if stream else None)
+        stream = len(texts) == 1         # one sequence streams its text; several show a bar
+        bar, callback = (contextlib.nullcontext(), on_token) if stream else \
+            progress(len(texts), args.max_new_tokens, eos, "decoding")
+        with bar:
+            ids, out, sparsity, dt, first = run(net, tok, eos, texts, args, args.attn, args.budget, args.block_size,
+                                                graphs, callback)
     except (OSError, ValueError, M.CacheFull) as e:   # OSError: a file missing or unreadable
         raise SystemExit(f"error: {e}")
     if stream:

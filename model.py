@@ -388,6 +388,8 @@ class Qwen3(nn.Module):
         from safetensors import SafetensorError, safe_open
         raw = read_config(path, "a Hugging Face model folder")
         cfg_path = os.path.join(path, "config.json")
+        if "seerattn_gate_block_size" in raw:
+            raise ValueError(f"{path} is a gate folder: give it as --gate, and the model it was trained for as --model")
         if raw.get("model_type") != "qwen3" and "Qwen3ForCausalLM" not in raw.get("architectures", []):
             raise ValueError(f"{cfg_path}: model_type {raw.get('model_type')!r} is not qwen3")
         try:
@@ -396,8 +398,10 @@ class Qwen3(nn.Module):
             raise ValueError(f"{cfg_path}: {e}")
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index}: no weight_map of tensor names to files")
+            files = sorted(set(map(str, weight_map.values())))
         elif os.path.isfile(os.path.join(path, "model.safetensors")):
             files = ["model.safetensors"]
         else:
@@ -466,17 +470,40 @@ def check_device(parser, device):
         torch.cuda.set_device(dev)
 
 
+def read_json(path):
+    """A JSON file holding an object -> dict; a one-line error naming the file if it is not."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            obj = json.load(f)
+        except ValueError as e:                        # not JSON, or not UTF-8
+            raise ValueError(f"{path}: not valid JSON ({e})")
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, found a {type(obj).__name__}")
+    return obj
+
+
+def read_lines(path):
+    """A UTF-8 text file's lines, as open() gives them; a one-line error naming the line that is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readlines()
+    except UnicodeDecodeError:
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):            # ("\n" is never inside a UTF-8 character)
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError(f"{path} line {n}: not UTF-8 text") from None
+        raise
+
+
 def read_config(folder, kind):
-    """folder/config.json as a dict; a one-line error if it is missing (folder not being `kind`) or
-    not JSON."""
+    """folder/config.json as a dict; a one-line error if folder is not `kind` or the file not a JSON object."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder}: no config.json there (expected {kind})")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})")
+        why = "a file, not a folder" if os.path.isfile(folder) else "no config.json there"
+        raise FileNotFoundError(f"{folder}: {why} (expected {kind})")
+    return read_json(path)
 
 
 def note_signals(stop):
@@ -513,6 +540,8 @@ def check_writable(folder):
     """Make folder if need be and create a file in it: a script's --out found unwritable before
     any work, in one line, not at its first save. The folders it made are removed again (the
     first save makes them), so a run that fails later leaves no empty --out behind."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--out {folder} is a file, not a folder")
     made, f = [], os.path.abspath(folder)
     while not os.path.exists(f):                      # the folders makedirs will make, deepest first
         made, f = made + [f], os.path.dirname(f)
@@ -534,9 +563,10 @@ def unreadable(path):
     return "does not exist" if not os.path.exists(path) else "is a directory" if os.path.isdir(path) else None
 
 
-def holds_model(folder):
-    """The model file (config.json or model.safetensors) that folder already holds, or None."""
-    return next((f for f in ("config.json", "model.safetensors") if os.path.exists(os.path.join(folder, f))), None)
+def folder_contents(folder):
+    """A few of the names in folder ("a, b, c ..."), or None if it is new or empty: an --out must be."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "") if names else None
 
 
 def write_folder(path, state, config):
@@ -619,7 +649,8 @@ class PagedKVCache:
         if need > len(self.free):
             raise CacheFull(f"KV cache out of pages: sequence {seq_id} needs {need} more page(s) of "
                             f"{self.page_size} tokens, {len(self.free)} of {self.num_pages} are free; "
-                            f"raise --num-pages / --kv-memory-fraction or shorten --max-new-tokens")
+                            f"raise --num-pages{' / --kv-memory-fraction' if self.k.is_cuda else ''} or shorten "
+                            "--max-new-tokens")
         pages.extend(self.free.popleft() for _ in range(max(need, 0)))
 
     def release(self, seq_id):

@@ -278,6 +278,14 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, caps
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "hidden_size": 64}))
     with pytest.raises(ValueError, match="config.json: config lacks vocab_size, intermediate_size"):
         M.Qwen3.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json: expected a JSON object, found a list"):
+        M.Qwen3.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "seerattn_gate_block_size": 16}))
+    with pytest.raises(ValueError, match="is a gate folder: give it as --gate"):
+        M.Qwen3.from_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="a file, not a folder"):
+        M.Qwen3.from_pretrained(str(tmp_path / "config.json"))
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     weights = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
@@ -298,8 +306,14 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, caps
     with pytest.raises(ValueError, match="128 tokens, more than the model's vocab_size 100"):
         M.load_tokenizer(str(tmp_path), 100)
     g16 = os.path.join(HERE, "tiny", "gate-16")
+    (tmp_path / "latin1.txt").write_bytes("hi\ncaf\u00e9\n".encode("latin-1"))
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "config.json").write_text(json.dumps({"seerattn_gate_block_size": "16"}))
     # flags checked before any work, each in one line (bench.py: before it looks for a GPU)
     cases = [("generate.py", "--top-p", "0", "--top-p in"), ("generate.py", "--temperature", "-1", "--temperature >= 0"),
+             ("generate.py", "--temperature", "nan", "finite --temperature"),
+             ("generate.py", "--prompts-file", str(tmp_path / "latin1.txt"), r"latin1.txt line 2: not UTF-8 text$"),
+             ("generate.py", "--gate", str(tmp_path / "g"), "seerattn_gate_block_size '16' is not a positive integer"),
              ("generate.py", "--block-size", "0", "--block-size must be"),
              ("generate.py", "--eval-budgets", "64,x", "integers, comma-separated"),
              ("generate.py", "--device", "tpu", "--device tpu"), ("generate.py", "--device", "cuda:64", "GPUs$"),
@@ -350,6 +364,10 @@ def test_generate_takes_a_single_gates_block_size_and_flags_unknown_words(capsys
                                 "x1 4 hello", "--max-new-tokens", "2", "--device", "cpu")
     assert code == 0 and "attn seer block 32 budget 512" in out, (out, err)
     assert "1 prompt word(s) not in the tokenizer's vocabulary, read as <pad>" in err, err
+    code, out, err = run_script(capsys, "generate.py", "--model", os.path.join(HERE, "tiny"), "--gate",
+                                os.path.join(HERE, "tiny", "gate-32"), "--budget", "64", "--prompt", "x1 4",
+                                "--max-new-tokens", "2", "--device", "cpu")
+    assert code == 0 and "attn seer block 32 budget 64" in out, (out, err)   # --gate: seer unless --attn says
 
 
 def test_help_shows_each_flags_default_once(capsys, monkeypatch):
@@ -1400,6 +1418,12 @@ def test_resume_after_interruption_gives_identical_gates(setup, monkeypatch):
         TG.main(base_args(model, str(other), d / "full", "--steps", "8", "--resume"))
     with pytest.raises(SystemExit, match="already holds a run"):
         TG.main(base_args(model, data, d / "full", "--steps", "8"))
+    with pytest.raises(SystemExit, match="is at step 6 already, --steps 6"):   # nothing left to train
+        TG.main(base_args(model, data, d / "full", "--steps", "6", "--resume"))
+    state = (d / "full" / "train_state.pt").read_bytes()
+    (d / "full" / "train_state.pt").write_bytes(state[:len(state) // 2])   # truncated: one line, no traceback
+    with pytest.raises(SystemExit, match="train_state.pt is not a readable checkpoint"):
+        TG.main(base_args(model, data, d / "full", "--steps", "8", "--resume"))
 
 
 def test_failed_save_leaves_previous_checkpoint_intact(setup, monkeypatch):
@@ -1485,17 +1509,20 @@ def test_train_gate_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys
              (["--data", data, "--save-every", "-1"], "--save-every must be >= 0"),
              (["--data", data, "--eval-budgets", "16,x"], "integers, comma-separated"),
              (["--data", data, "--seq-len", "2048"], "past .* max_position_embeddings 1024"),
-             (["--data", data, "--block-size", "0"], "--block-size must be >= 1")]
+             (["--data", data, "--block-size", "0"], "--block-size must be >= 1"),
+             (["--data", data, "--min-lr", "-0.01"], "need 0 <= --min-lr <= --lr"),
+             (["--data", data, "--loss-scale", "-10"], "--loss-scale must be a finite number > 0"),
+             (["--data", data, "--resume"], "--resume: no train_state.pt in")]
     for extra, msg in cases:
         with pytest.raises(SystemExit) as e:
             TG.main(["--model", model, "--out", str(tmp_path / "o"), "--block-size", "16", "--seq-len", "128", *extra])
         assert re.search(msg, f"{e.value} {capsys.readouterr().err}"), msg
-    # --out: never over a model or gate folder, and writable, both found before any training
+    # --out: new or empty, and writable, both found before any training
     (tmp_path / "file").write_text("")
     (tmp_path / "w").mkdir()
-    (tmp_path / "w" / "model.safetensors").write_text("")                 # weights alone count too
-    for out, msg in [(model, "already holds config.json"), (tmp_path / "w", "already holds model.safetensors"),
-                     (tmp_path / "file" / "o", "cannot be written")]:
+    (tmp_path / "w" / "notes.txt").write_text("")                         # any file: the folder is not empty
+    for out, msg in [(model, "already holds config.json"), (tmp_path / "w", "already holds notes.txt"),
+                     (tmp_path / "file", "is a file, not a folder"), (tmp_path / "file" / "o", "cannot be written")]:
         with pytest.raises(SystemExit, match=msg):
             TG.main(["--model", model, "--out", str(out), "--data", data, "--block-size", "16", "--seq-len", "128"])
     run_cli("train_gate.py", "--model", model, "--out", str(tmp_path / "o"), "--data", bad, "--seq-len", "128",
@@ -1745,7 +1772,7 @@ def test_pretrain_smoke_folder_loads_in_ours_and_transformers_with_equal_logits(
     # and never over a model folder
     before = (out / "model.safetensors").read_bytes()
     run_cli("tiny.py", "pretrain", "--out", str(out), "--steps", "1", "--device", "cpu",
-            fails_with="already holds a model")
+            fails_with="already holds config.json")
     assert (out / "model.safetensors").read_bytes() == before
 
 
@@ -1796,6 +1823,11 @@ def test_eval_mode_scores_problems_and_prints_every_row(tmp_path):
     # the shipped model decodes these small problems well dense: a scoring that lost its outputs reads 0
     dense = next(row for row in rows if row[0] == "dense")
     assert float(dense[4]) >= 50, r.stdout
+    # block and budget pairs that are not whole blocks are left out, and said to be
+    r = run_cli("generate.py", "--eval", str(data), "--task", "tiny", "--eval-attn", "window", "--eval-budgets",
+                "16,48", "--eval-blocks", "16,32", "--max-new-tokens", "2")
+    assert "[left out, as a budget is whole blocks: block 32 with budget 16, 48]" in r.stderr, r.stderr
+    assert re.findall(r"^\s*window\s+block\s+(\d+) budget\s+(\d+):", r.stdout, re.M) == [("16", "16"), ("16", "48")]
     # a record that is not a tiny-task problem stops the run before any decoding, in one line
     data.write_text(data.read_text() + json.dumps({"prompt": "what is 2 + 2?", "answer": "4"}) + "\n")
     run_cli("generate.py", "--eval", str(data), "--task", "tiny", fails_with="record 4: not a tiny-task prompt")
@@ -1831,10 +1863,10 @@ def test_tiny_cli_bad_inputs_fail_before_training_with_one_line_errors(tmp_path,
     (tmp_path / "noweights" / "config.json").write_text(json.dumps(tiny.tiny_config().to_hf_dict()))
     small = ["--steps", "1", "--batch", "1", "--seq-len", "256", "--device", "cpu", "--workers", "1"]
     out = str(tmp_path / "o")
-    cases = [(["pretrain", "--out", str(tmp_path / "file"), *small], r"--out \S+file cannot be written"),
+    cases = [(["pretrain", "--out", str(tmp_path / "file"), *small], r"--out \S+file is a file, not a folder"),
              (["pretrain", "--out", str(tmp_path / "file" / "o"), *small], "cannot be written"),
-             (["pretrain", "--out", out, "--warmup", "0", *small], "--warmup and --workers must be >= 1"),
-             (["pretrain", "--out", out, "--lr", "-1", *small], "--max-minutes and --lr > 0"),
+             (["pretrain", "--out", out, "--warmup", "0", *small], "--warmup must be finite and >= 1, got 0"),
+             (["pretrain", "--out", out, "--lr", "-1", *small], "--lr must be finite and > 0, got -1.0"),
              (["pretrain", "--out", out, "--init", str(tmp_path / "noweights"), *small], "no model.safetensors"),
              (["data", "--n", "1", "--out", str(tmp_path / "missing" / "d.jsonl")], "cannot be written"),
              (["data", "--n", "1", "--out", str(tmp_path)], "cannot be written")]

@@ -412,15 +412,19 @@ def main(argv=None):
         print(f"wrote {args.n} problems of {n_tokens(args.n_x, args.n_y)} tokens to {args.out}")
     else:
         M.check_device(p, args.device)
-        if min(args.steps, args.batch, args.warmup, args.workers) < 1 or args.max_minutes <= 0 or args.lr <= 0:
-            raise SystemExit("error: --steps, --batch, --warmup and --workers must be >= 1, --max-minutes and --lr "
-                             "> 0")
+        for flag, rule, ok in (("steps", ">= 1", args.steps >= 1), ("batch", ">= 1", args.batch >= 1),
+                               ("warmup", ">= 1", args.warmup >= 1), ("workers", ">= 1", args.workers >= 1),
+                               ("eval-every", ">= 0", args.eval_every >= 0),
+                               ("max-minutes", "> 0", 0 < args.max_minutes < float("inf")),
+                               ("lr", "> 0", 0 < args.lr < float("inf"))):
+            if not ok:
+                raise SystemExit(f"error: --{flag} must be finite and {rule}, got {getattr(args, flag.replace('-', '_'))}")
         try:
             sizes_for(args.seq_len)
             if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
                 raise ValueError(f"--init {args.init}: no config.json there (expected a model folder)")
-            if M.holds_model(args.out):
-                raise ValueError(f"--out {args.out} already holds a model: give a new or empty folder")
+            if names := M.folder_contents(args.out):
+                raise ValueError(f"--out {args.out} already holds {names}: give a new or empty folder")
             M.check_writable(args.out)
         except ValueError as e:
             raise SystemExit(f"error: {e}")

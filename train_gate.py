@@ -106,9 +106,12 @@ def load_sequences(paths, folder, seq_len, S, pack, vocab_size=None):
         ends = np.cumsum([len(d) for d in docs])
         spans = [(e - len(d), e - len(d) + min(len(d), seq_len)) for d, e in zip(docs, ends.tolist())]
     keep = [(a, b) for a, b in spans if b - a >= 2 * S]
+    unk = getattr(tok.model, "unk_token", None)        # word-level vocabularies (the tiny model's) have one
+    n_unk = int((flat == tok.token_to_id(unk)).sum()) if unk else 0
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"data: {len(texts)} documents, {len(flat)} tokens -> {len(keep)} sequences; skipped {bad} malformed "
-              f"line(s), {len(spans) - len(keep)} sequence(s) shorter than two blocks ({2 * S} tokens)")
+              f"line(s), {len(spans) - len(keep)} sequence(s) shorter than two blocks ({2 * S} tokens)"
+              + (f"; {n_unk / len(flat):.0%} of the tokens are {unk} (words not in the vocabulary)" if n_unk else ""))
     if not keep:
         raise ValueError(f"no sequence of at least two blocks ({2 * S} tokens) in {', '.join(paths)}")
     return torch.from_numpy(flat), keep
@@ -336,24 +339,29 @@ def save_checkpoint(model, opt, step, args, setup):
 
 
 def check_out(args, rank):
-    """--out must be a run's folder with --resume, else a new or empty one (no model or gates to
-    overwrite) that can be written: found now, not at the first save. Only rank 0, which saves,
-    tries a write: check_writable makes and removes the folder, which would race across ranks."""
+    """--out must be a run's folder with --resume, else a new or empty one that can be written: found
+    now, not at the first save. Only rank 0, which saves, tries a write: check_writable makes and
+    removes the folder, which would race across ranks."""
     if args.resume:
+        if not os.path.isfile(os.path.join(args.out, "train_state.pt")):
+            raise FileNotFoundError(f"--resume: no train_state.pt in {args.out}")
         return
     if os.path.isfile(os.path.join(args.out, "train_state.pt")):
         raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or pick another --out")
-    if name := M.holds_model(args.out):
-        raise ValueError(f"{args.out} already holds {name} (a model or gate folder): pick a new or empty --out")
+    if names := M.folder_contents(args.out):
+        raise ValueError(f"{args.out} already holds {names}: pick a new or empty --out")
     if rank == 0:
         M.check_writable(args.out)
 
 
 def load_checkpoint(model, opt, args, setup):
     path = os.path.join(args.out, "train_state.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: no train_state.pt in {args.out}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not (isinstance(state, dict) and {"setup", "gates", "optimizer", "step"} <= state.keys()):
+            raise ValueError
+    except Exception:                     # torch.load's many errors (zip, unpickling, EOF) or not our dict
+        raise ValueError(f"--resume: {path} is not a readable checkpoint (truncated or corrupt?)") from None
     diff = [f"{k} {state['setup'].get(k)} there vs {v} now" for k, v in setup.items() if state["setup"].get(k) != v]
     if diff:
         raise ValueError(f"--resume: {args.out} was trained with a different setup: {'; '.join(diff)}")
@@ -447,6 +455,12 @@ def parse(argv):
                         ("log_every", 0), ("save_every", 0)):
         if getattr(args, flag) is not None and getattr(args, flag) < least:
             p.error(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
+    for flag in ("lr", "loss_scale"):
+        if not 0 < getattr(args, flag) < float("inf"):
+            p.error(f"--{flag.replace('_', '-')} must be a finite number > 0, got {getattr(args, flag)}")
+    if not 0 <= args.min_lr <= args.lr or not 0 <= args.weight_decay < float("inf"):
+        p.error(f"need 0 <= --min-lr <= --lr and a finite --weight-decay >= 0, got {args.min_lr}, {args.lr} and "
+                f"{args.weight_decay}")
     if args.gate_hidden % 2:
         p.error(f"--gate-hidden must be even (RoPE turns pairs), got {args.gate_hidden}")
     M.check_device(p, args.device)
@@ -529,6 +543,9 @@ def main(argv=None):
         step = 0
         if args.resume:
             step = load_checkpoint(net, opt, args, setup)
+            if step >= args.steps:
+                raise ValueError(f"--resume: {args.out} is at step {step} already, --steps {args.steps}: raise --steps "
+                                 "to train on")
     except (OSError, ValueError) as e:   # OSError: a file missing or unreadable
         raise SystemExit(f"error: {e}")
     data = Order(tokens, spans, args.seed)
