@@ -234,18 +234,25 @@ def score(task, record, text):
     return (got is not None and got.replace(" ", "") == want.replace(" ", "")), 0, 0
 
 
-def run(net, tok, eos, texts, args, attn, budget, block, graphs, on_token=None):
-    """Decode a batch of texts with one selector -> (prompt ids, generated ids, sparsity, seconds in all,
-    seconds to the first new tokens: prefill, and on cuda graph capture and any kernel compile)."""
-    if attn == "seer":
-        GT.load_gates(net, pick_gate(args.gates, block))
+def encode(tok, texts, max_len, name):
+    """texts -> token id lists; a one-line error naming (name(i)) a prompt that is empty or longer than
+    max_len (max_position_embeddings), and a note of words the tokenizer does not know."""
     ids = [tok.encode(t).ids for t in texts]
     for i, x in enumerate(ids):
-        if not x:
-            raise ValueError(f"prompt {i} is empty after tokenization")
+        if not x or len(x) > max_len:
+            raise ValueError(f"{name(i)} is empty after tokenization" if not x else
+                             f"{name(i)} has {len(x)} tokens, past the model's max_position_embeddings {max_len}")
     unk = getattr(tok.model, "unk_token", None)       # word-level vocabularies (the tiny model's) have one
     if unk and (n := sum(x.count(tok.token_to_id(unk)) for x in ids)):
         print(f"[{n} prompt word(s) not in the tokenizer's vocabulary, read as {unk}]", file=sys.stderr)
+    return ids
+
+
+def run(net, ids, eos, args, attn, budget, block, graphs, on_token=None):
+    """Decode a batch of prompts (token ids) with one selector -> (generated ids, sparsity, seconds in
+    all, seconds to the first new tokens: prefill, and on cuda graph capture and any kernel compile)."""
+    if attn == "seer":
+        GT.load_gates(net, pick_gate(args.gates, block))
     dtype = next(net.parameters()).dtype
     num_pages = args.num_pages or pages_needed(ids, args.max_new_tokens, block, net.config.max_position_embeddings)
     if args.kv_bytes:
@@ -268,7 +275,7 @@ def run(net, tok, eos, texts, args, attn, budget, block, graphs, on_token=None):
                    select, tick, graphs)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    return ids, out, select.sparsity(), time.perf_counter() - t0, first
+    return out, select.sparsity(), time.perf_counter() - t0, first
 
 
 def progress(n_seqs, max_new_tokens, eos, desc):
@@ -312,6 +319,7 @@ def evaluate(net, tok, eos, args, graphs):
         print("[these look like tiny-task problems (tiny.py data), scored here by a \\boxed{} answer: "
               "give --task tiny to score them by the task's check]", file=sys.stderr)
     texts = [chat_prompt(r["prompt"], not args.no_think) if args.chat else r["prompt"] for r in records]
+    ids = encode(tok, texts, net.config.max_position_embeddings, lambda i: f"{args.eval} record {i + 1}")
     budgets, blocks, attns = args.eval_budgets, args.eval_blocks, args.eval_attn.split(",")
     for attn in attns:                  # every row's setup checked before the first row runs
         if attn not in GT.SELECTORS:
@@ -333,8 +341,7 @@ def evaluate(net, tok, eos, args, graphs):
                     continue
                 bar, count = progress(len(texts), args.max_new_tokens, eos, f"{attn} block {block} budget {budget}")
                 with bar:
-                    _, out, sparsity, dt, _ = run(net, tok, eos, texts, args, attn, budget, block,
-                                                  graphs, on_token=count)
+                    out, sparsity, dt, _ = run(net, ids, eos, args, attn, budget, block, graphs, on_token=count)
                 scores = [score(args.task, r, tok.decode(o)) for r, o in zip(records, out)]
                 steps = sum(s[2] for s in scores)
                 rows.append((attn, "-" if attn == "dense" else block, budget or "-",
@@ -485,6 +492,7 @@ def main(argv=None):
         if args.attn == "seer" and not args.gates:
             raise ValueError("--attn seer needs gates: give --gate DIR")
         texts = [chat_prompt(t, not args.no_think) if args.chat else t for t in prompts]
+        ids = encode(tok, texts, net.config.max_position_embeddings, lambda i: f"prompt [{i}]")
         seen, start = [], [0, 0]        # tokens so far; where the window decoded last starts and ends
 
         def on_token(i, t):             # stream text, decoding a short window (vLLM's incremental detokenize)
@@ -500,8 +508,8 @@ def main(argv=None):
         bar, callback = (contextlib.nullcontext(), on_token) if stream else \
             progress(len(texts), args.max_new_tokens, eos, "decoding")
         with bar:
-            ids, out, sparsity, dt, first = run(net, tok, eos, texts, args, args.attn, args.budget, args.block_size,
-                                                graphs, callback)
+            out, sparsity, dt, first = run(net, ids, eos, args, args.attn, args.budget, args.block_size, graphs,
+                                           callback)
     except (OSError, ValueError, M.CacheFull) as e:   # OSError: a file missing or unreadable
         raise SystemExit(f"error: {e}")
     if stream:

@@ -308,10 +308,12 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, caps
     g16 = os.path.join(HERE, "tiny", "gate-16")
     (tmp_path / "latin1.txt").write_bytes("hi\ncaf\u00e9\n".encode("latin-1"))
     (tmp_path / "g").mkdir()
+    (tmp_path / "e.jsonl").write_text('{"prompt": "x1 4", "answer": "1"}\n{"prompt": "", "answer": "1"}\n')
     (tmp_path / "g" / "config.json").write_text(json.dumps({"seerattn_gate_block_size": "16"}))
     # flags checked before any work, each in one line (bench.py: before it looks for a GPU)
     cases = [("generate.py", "--top-p", "0", "--top-p in"), ("generate.py", "--temperature", "-1", "--temperature >= 0"),
              ("generate.py", "--temperature", "nan", "finite --temperature"),
+             ("generate.py --task boxed --eval-attn dense", "--eval", str(tmp_path / "e.jsonl"), "record 2 is empty"),
              ("generate.py", "--prompts-file", str(tmp_path / "latin1.txt"), r"latin1.txt line 2: not UTF-8 text$"),
              ("generate.py", "--gate", str(tmp_path / "g"), "seerattn_gate_block_size '16' is not a positive integer"),
              ("generate.py", "--block-size", "0", "--block-size must be"),

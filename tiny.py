@@ -418,7 +418,8 @@ def main(argv=None):
                                ("max-minutes", "> 0", 0 < args.max_minutes < float("inf")),
                                ("lr", "> 0", 0 < args.lr < float("inf"))):
             if not ok:
-                raise SystemExit(f"error: --{flag} must be finite and {rule}, got {getattr(args, flag.replace('-', '_'))}")
+                got = getattr(args, flag.replace("-", "_"))
+                raise SystemExit(f"error: --{flag} must be finite and {rule}, got {got}")
         try:
             sizes_for(args.seq_len)
             if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
