@@ -179,14 +179,7 @@ STALL_S = 120  # an e2e row still running after this long prints every thread's 
 def random_model(shape):
     """Qwen3 of a published shape, random bf16 weights, on the GPU (no download)."""
     import model as M
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            return M.Qwen3(M.Qwen3Config(**M.SHAPES[shape], max_position_embeddings=131072)).eval()
-    finally:
-        torch.set_default_dtype(prev)
+    return M.Qwen3.random(M.Qwen3Config(**M.SHAPES[shape], max_position_embeddings=131072), "cuda", torch.bfloat16)
 
 
 def step_bytes(net, B, ctx, sparsity, S, gates):

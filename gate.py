@@ -185,7 +185,7 @@ class Selector:
     Per layer and page (indexed like cache.k's pages), in cache.pooled:
       seer:  kmax/kmin/ksum of the pre-RoPE keys written so far (running, O(1) per token),
              and gate_k, the gate key, computed once when the page fills;
-      quest: qmax/qmin, elementwise max/min of the post-RoPE keys.
+      quest: rope_kmax/rope_kmin, elementwise max/min of the post-RoPE keys.
     """
 
     def __init__(self, attn, model, cache, budget=None, threshold=None):
@@ -221,7 +221,7 @@ class Selector:
             cache.pooled = dict(kmax=new(Hk, D), kmin=new(Hk, D), ksum=new(Hk, D, dt=torch.float32),
                                 gate_k=new(Hk, gate.dg))
         elif attn == "quest":
-            cache.pooled = dict(qmax=new(Hk, D), qmin=new(Hk, D))
+            cache.pooled = dict(rope_kmax=new(Hk, D), rope_kmin=new(Hk, D))
 
     def sparsity(self):
         """Share of the KV tokens a dense step reads that these steps did not (dense: none, uncounted)."""
@@ -233,7 +233,7 @@ class Selector:
         pooled, S = step.cache.pooled, step.cache.page_size
         if pooled is None:
             return
-        names, x = (("kmax", "kmin", "ksum"), k) if self.attn == "seer" else (("qmax", "qmin"), kr)
+        names, x = (("kmax", "kmin", "ksum"), k) if self.attn == "seer" else (("rope_kmax", "rope_kmin"), kr)
         N = x.shape[0]
         nb = -(-N // S)
         pad = torch.full((nb * S - N, *x.shape[1:]), float("nan"), dtype=x.dtype, device=x.device)
@@ -281,11 +281,12 @@ class Selector:
             score = seer_scores(q, step.positions, gate.attngate_linear_q.weight, gate.qnorm_weight,
                                 stats[3], step.block_table, gate.rope_theta)     # [B, Hk, NB]
         elif self.attn == "quest":
-            qmax, qmin = cache.pooled["qmax"][layer], cache.pooled["qmin"][layer]
-            running_pool(kr, step.positions % S == 0, step.pages, qmax, qmin)
+            rope_kmax, rope_kmin = cache.pooled["rope_kmax"][layer], cache.pooled["rope_kmin"][layer]
+            running_pool(kr, step.positions % S == 0, step.pages, rope_kmax, rope_kmin)
             G = q.shape[1] // Hk
             qg = qr.view(B, Hk, G, -1).float()
-            kmax, kmin = qmax[step.block_table.long()].float(), qmin[step.block_table.long()].float()  # [B, NB, Hk, D]
+            table = step.block_table.long()
+            kmax, kmin = rope_kmax[table].float(), rope_kmin[table].float()   # [B, NB, Hk, D]
             # Quest's bound sum_d max(q_d kmax_d, q_d kmin_d): kmax where q_d >= 0, kmin where it is not
             bound = torch.einsum("bhgd,bjhd->bhgj", qg.clamp(min=0), kmax) + \
                 torch.einsum("bhgd,bjhd->bhgj", qg.clamp(max=0), kmin)

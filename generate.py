@@ -1,6 +1,9 @@
 """Generate text with a Qwen3 checkpoint through the paged KV cache.
 
+  python generate.py                                  # the shipped tiny model (tiny/) on a fresh problem, seer
   python generate.py --model DIR --prompt "..." [--prompt "..."] [--chat] [--temperature 0.7]
+  python generate.py --model DIR --gate GATE_DIR --budget 2048 --prompt "..."     # seer attention
+  python generate.py --eval problems.jsonl --task tiny  # accuracy over --eval-attn x --eval-budgets
 
 Prompts are prefilled one by one (dense), then decoded together as a ragged batch: one
 new token per live sequence per step; a sequence that hits EOS frees its pages while the
@@ -250,7 +253,8 @@ def encode(tok, texts, max_len, name):
 
 def run(net, ids, eos, args, attn, budget, block, graphs, on_token=None):
     """Decode a batch of prompts (token ids) with one selector -> (generated ids, sparsity, seconds in
-    all, seconds to the first new tokens: prefill, and on cuda graph capture and any kernel compile)."""
+    all, seconds to the first new tokens: prefill, and on cuda graph capture and any kernel compile).
+    args: the flags, with main()'s gates and kv_bytes."""
     if attn == "seer":
         GT.load_gates(net, pick_gate(args.gates, block))
     dtype = next(net.parameters()).dtype
@@ -411,6 +415,10 @@ def main(argv=None):
     M.check_device(p, args.device)
     if args.kv_memory_fraction is not None and not 0 < args.kv_memory_fraction < 1:
         p.error(f"--kv-memory-fraction must be in (0, 1), got {args.kv_memory_fraction}")
+    if args.num_pages < 0:
+        p.error(f"--num-pages must be >= 1, or 0 for just enough; got {args.num_pages}")
+    if args.num_pages and args.kv_memory_fraction is not None:
+        p.error("--num-pages and --kv-memory-fraction both size the KV pool: give one")
     if args.kv_memory_fraction is not None and not args.device.startswith("cuda"):
         p.error("--kv-memory-fraction sizes the pool from free GPU memory: give --num-pages on cpu")
     if args.eval and (args.attn or args.budget is not None or args.threshold is not None or args.block_size):
@@ -448,7 +456,7 @@ def main(argv=None):
             args.prompt = [problem["prompt"]]
             print(f"[tiny task, problem seed {seed}]")
     try:
-        args.gates = gates_by_block_size(args.gate)
+        args.gates = gates_by_block_size(args.gate)   # {block size: folder}, read by run() and evaluate()
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     # one gate: its block size; the shipped model's: block 16, its best (README, tiny model results)
@@ -456,6 +464,8 @@ def main(argv=None):
     args.block_size = args.block_size or block
     args.eval_blocks = args.eval_blocks or [block]
     args.attn = args.attn or ("seer" if args.gates else "dense")
+    if args.attn == "seer" and not args.gates:
+        raise SystemExit("error: --attn seer needs gates: give --gate DIR")
     args.task = args.task or "boxed"
     args.seed = args.seed or 0
     if args.max_new_tokens is None:
@@ -480,7 +490,7 @@ def main(argv=None):
     try:
         dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
         net = M.Qwen3.from_pretrained(args.model, device=args.device, dtype=dtype)
-        args.kv_bytes = 0
+        args.kv_bytes = 0                            # bytes of each run()'s KV pool; 0: --num-pages or just enough
         if args.kv_memory_fraction:
             torch.cuda.empty_cache()                 # the allocator still holds what loading merged and freed
             args.kv_bytes = int(torch.cuda.mem_get_info()[0] * args.kv_memory_fraction)
@@ -489,8 +499,6 @@ def main(argv=None):
         graphs = args.device.startswith("cuda") and not args.no_graph
         if args.eval:
             return evaluate(net, tok, eos, args, graphs)
-        if args.attn == "seer" and not args.gates:
-            raise ValueError("--attn seer needs gates: give --gate DIR")
         texts = [chat_prompt(t, not args.no_think) if args.chat else t for t in prompts]
         ids = encode(tok, texts, net.config.max_position_embeddings, lambda i: f"prompt [{i}]")
         seen, start = [], [0, 0]        # tokens so far; where the window decoded last starts and ends

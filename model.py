@@ -239,20 +239,21 @@ class Attention(nn.Module):
         """x [B, T, hidden]; cos, sin [B*T, D] -> [B, T, hidden]."""
         B, T, _ = x.shape
         pages = (step.cache.k[self.layer_idx], step.cache.v[self.layer_idx], step.slots) if step is not None else ()
-        decoding = step is not None and step.block_table is not None and step.select is not None
-        wq = step.select.share_weight(self.layer_idx, x) if decoding else None   # seer's kernels want shares
+        decode = step is not None and step.block_table is not None   # else dense causal over these T tokens
+        select = step.select if step is not None else None
+        wq = select.share_weight(self.layer_idx, x) if decode and select is not None else None   # seer: shares
         q, k, qr, kr, v, shares = qk_norm_rope(self.qkv_proj(x).view(B * T, -1), self.q_norm.weight,
                                                self.k_norm.weight, cos, sin, self.hq, self.hk, self.q_norm.eps,
                                                *pages, wq=wq)       # [B*T, H, D] each; shares [B*T, Hq, Dg]
         if self.capture is not None:
             self.capture(self.layer_idx, *(t.view(B, T, -1, self.d) for t in (q, k, qr, kr)))
-        if step is None or step.block_table is None:                  # dense causal over these T tokens
-            if step is not None and step.select is not None:          # prefill: pool the prompt's keys
-                step.select.prefill(self.layer_idx, step, k, kr)
+        if not decode:
+            if select is not None:                                    # prefill: pool the prompt's keys
+                select.prefill(self.layer_idx, step, k, kr)
             qr, kr, v = (t.view(B, T, -1, self.d).transpose(1, 2) for t in (qr, kr, v))   # [B, H, T, D]
             o = F.scaled_dot_product_attention(qr, kr, v, is_causal=True, enable_gqa=True).transpose(1, 2)
         else:                                                         # decode: T == 1, through the pages
-            blocks = step.select(self.layer_idx, step, q, qr, k, kr, shares) if step.select is not None else None
+            blocks = select(self.layer_idx, step, q, qr, k, kr, shares) if select is not None else None
             o = decode_attention(qr, step.cache.k[self.layer_idx], step.cache.v[self.layer_idx],
                                  step.block_table, step.lengths, blocks)
         return self.o_proj(o.reshape(B, T, self.hq * self.d))
@@ -381,6 +382,19 @@ class Qwen3(nn.Module):
         step = Step(cache, pages * S + positions % S, positions, block_table, lengths + 1, pages, select)
         x = self.hidden(tokens[:, None], positions[:, None], step)
         return self.logits(x[:, 0])
+
+    @classmethod
+    def random(cls, cfg, device, dtype, seed=0):
+        """A Qwen3 of cfg with random weights (normal(0, 0.02), norms 1), made on device with no CPU
+        copy: for speed runs (bench.py e2e, train_gate.py --random-init)."""
+        with torch.device("meta"):
+            model = cls(cfg).to(dtype)
+        model = model.to_empty(device=device)
+        gen = torch.Generator(device).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02, generator=gen)
+        return model.eval()
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None):

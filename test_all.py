@@ -322,6 +322,9 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, caps
              ("generate.py", "--device", "cpu:0", "--device cpu:0: give cpu"),
              ("generate.py", "--kv-memory-fraction", "0", r"--kv-memory-fraction must be in \(0, 1\)"),
              ("generate.py", "--num-pages", str(10 ** 14), "does not fit in memory"),   # 4.9 EB: fails anywhere
+             ("generate.py", "--num-pages", "-3", "--num-pages must be >= 1, or 0"),
+             ("generate.py --num-pages 9", "--kv-memory-fraction", "0.5", "both size the KV pool: give one"),
+             ("generate.py --model " + str(tmp_path), "--attn", "seer", "--attn seer needs gates"),
              ("generate.py --eval /dev/null", "--budget", "64", "--eval takes --eval-attn"),
              ("generate.py --eval /dev/null", "--prompt", "hi", "--eval runs the prompts of its .jsonl"),
              ("generate.py --no-think", "", "", "give --chat too"),
@@ -632,7 +635,7 @@ def test_pooled_keys_incremental_decode_equal_prefill(tmp_path, dev, monkeypatch
             k = rope64(k, -torch.arange(29.0, dtype=torch.float64)[:, None, None], net.config.rope_theta)   # back
         want = [torch.stack([f(k[:, j * 8:(j + 1) * 8], 1) for j in range(4)], 1)  # [L, 4 blocks, Hk, D]
                 for f in (torch.amax, torch.amin, torch.sum)]
-        names = ("kmax", "kmin", "ksum") if attn == "seer" else ("qmax", "qmin")
+        names = ("kmax", "kmin", "ksum") if attn == "seer" else ("rope_kmax", "rope_kmin")
         for name, w in zip(names, want):
             got = cache.pooled[name][:, cache.pages["p"]].double().cpu()
             assert (got - w).abs().max() <= 1e-4 * (1 + w.abs().max()), (attn, name)
@@ -1527,9 +1530,29 @@ def test_train_gate_bad_inputs_fail_with_one_line_errors(setup, tmp_path, capsys
                      (tmp_path / "file", "is a file, not a folder"), (tmp_path / "file" / "o", "cannot be written")]:
         with pytest.raises(SystemExit, match=msg):
             TG.main(["--model", model, "--out", str(out), "--data", data, "--block-size", "16", "--seq-len", "128"])
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for name, msg in [(tmp_path / "list.json", "expected a JSON object, found a list"), ("qwen3-5b", "not one of qwen3-4b")]:
+        with pytest.raises(SystemExit, match=msg):                          # --random-init: a shape or a config.json
+            TG.main(["--random-init", str(name), "--out", str(tmp_path / "o"), "--seq-len", "128"])
     run_cli("train_gate.py", "--model", model, "--out", str(tmp_path / "o"), "--data", bad, "--seq-len", "128",
             fails_with="^error: no usable text")                                  # as a script: one line, no trace
     assert not (tmp_path / "o").exists()                                  # failed runs leave no --out behind
+
+
+def test_random_init_trains_on_a_config_json_with_seeded_random_weights(setup, tmp_path):
+    """--random-init (speed runs): Qwen3.random's weights, the same for every rank (seeded), and random tokens."""
+    _, model, _ = setup
+    config = os.path.join(model, "config.json")
+    cfg = M.Qwen3Config.from_dict(M.read_json(config))
+    one, two, other = (M.Qwen3.random(cfg, "cpu", torch.float32, seed=s).state_dict() for s in (0, 0, 1))
+    assert all(torch.equal(one[k], two[k]) for k in one) and not torch.equal(one["embed_tokens.weight"],
+                                                                              other["embed_tokens.weight"])
+    assert all((t == 1).all() if "norm" in k else abs(t.std().item() - 0.02) < 0.004 for k, t in one.items())
+    hist = TG.main(["--random-init", config, "--out", str(tmp_path / "r"), "--seq-len", "128",
+                    "--block-size", "16", "--gate-hidden", "16", "--batch", "2", "--eval-seqs", "0", "--steps", "2",
+                    "--log-every", "100", "--q-chunk", "24"])
+    assert len(hist["loss"]) == 2 and all(0 < x < float("inf") for x in hist["loss"])
+    assert (tmp_path / "r" / "config.json").is_file()
 
 
 @cuda

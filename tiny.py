@@ -20,7 +20,7 @@ Text is words joined by single spaces, with no space around newlines.
 
     python tiny.py data --n 200 --seed 1 --out eval.jsonl     # problems {prompt, answer, text}
     python tiny.py pretrain --out a --seq-len 1024            # one GPU, --max-minutes (default 10)
-    python tiny.py pretrain --init a --out tiny --lr 1e-3     # then full length (5120), from a
+    python tiny.py pretrain --init a --out b --lr 1e-3        # then full length (5120), from a
 
 Pretraining draws fresh problems every step, with the loss on the trace, and saves a Hugging
 Face Qwen3 folder (bf16 weights, < 10 MB). Problem sizes are log-uniform from 2 variables and

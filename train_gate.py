@@ -191,7 +191,7 @@ def block_stats_triton(qr, kr, t0, t1, S, with_blse=False):
     The launch, 256 rows a program, 4 warps, 2 stages: the fastest of 17 tried (64-512 rows, 4-16 warps,
     1-4 stages) at Qwen3-4B / 8B heads, S 64, rows 16K-32K of 32K: 10.5 ms a layer against 11.1 at
     256 / 8 / 2 and 12.5 at 64 / 4 / 3, the same outputs bit for bit (H200, 2026-12-03). train_gate 4B
-    at 32K: 18.1K -> 18.9K tokens/s at 256 / 8 / 2 (4 / 2 not run end to end)."""
+    at 32K: 18.9K tokens/s; 18.5K-18.9K at 256 / 8 / 2, 17.9K-18.1K at 64 / 4 / 3 (README, gate training)."""
     block_m = 256
     T, Hq, D = qr.shape
     Hk, C, nball = kr.shape[1], t1 - t0, -(-T // S)
@@ -380,24 +380,14 @@ def random_model(name, device, dtype):
     if name in M.SHAPES:
         cfg = dict(M.SHAPES[name])
     elif os.path.isfile(name):
-        with open(name) as f:
-            try:
-                cfg = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--random-init {name}: not a config.json ({e})")
+        cfg = M.read_json(name)
     else:
         raise ValueError(f"--random-init {name}: not one of {', '.join(M.SHAPES)} nor a config.json file")
     try:
         config = M.Qwen3Config.from_dict(cfg)
     except ValueError as e:
         raise ValueError(f"--random-init {name}: {e}")
-    with torch.device("meta"):
-        net = M.Qwen3(config).to(dtype)
-    net = net.to_empty(device=device)
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            p.fill_(1.0) if "norm" in n else p.normal_(0, 0.02)
-    return net.eval()
+    return M.Qwen3.random(config, device, dtype)
 
 
 def lr_at(step, args):
