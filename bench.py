@@ -1,8 +1,8 @@
 """Benchmarks on a CUDA GPU. `python bench.py e2e`: whole-model decode of Qwen3 shapes (random
 weights) with dense and seer attention against Hugging Face transformers, each step beside its
-byte floor; ours is the mean of --steps replayed CUDA-graph steps between two CUDA events (with
-each step's input copies, greedy argmax and length update), transformers' the median interval
-between its new tokens. `python bench.py kernel`: the paged block-sparse decode kernel
+byte floor; ours is the median of --steps replayed CUDA-graph steps, each between CUDA events (with
+its input copies, greedy argmax and length update), transformers' the median interval between its
+new tokens. `python bench.py kernel`: the paged block-sparse decode kernel
 (kernel_decode.py) against dense SDPA and against its own dense mode, on random bf16 data,
 Qwen3-4B/8B attention shapes (Hq 32, Hk 8, D 128); medians of CUDA-graph replays (launch cost
 excluded, as in a graph-captured decode step), each replay running the call on several disjoint
@@ -13,6 +13,7 @@ import faulthandler
 import importlib.util
 import math
 import os
+import statistics
 import time
 
 import torch
@@ -28,7 +29,6 @@ def bench_graph(calls, reps=100):
     calls read disjoint pages, about 4x the L2 a replay. (triton's do_bench zeroes 256 MB before
     each run, and the write-back of those dirty lines then shares HBM with the call: 8.6-10.8 µs
     a replay on an H200, 72.1 against 63.2 µs at batch 16 x 32K x 0.9; see the README.)"""
-    import statistics
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         for fn in calls:  # compile / autotune / allocate outside the capture
@@ -49,14 +49,23 @@ def bench_graph(calls, reps=100):
     return statistics.median(start.elapsed_time(end) for start, end in events) * 1e3 / len(calls)
 
 
-def copy_bandwidth():
-    """GB/s of a 2 GB device-to-device copy, bytes read plus bytes written. Launched eagerly: the
-    same memcpy captured in a CUDA graph runs far slower (H200, 2026-11-30: 2,710 against 4,240
-    GB/s eager, and 4,260 for an elementwise copy kernel)."""
-    import triton
+def copy_bandwidth(reps=100):
+    """GB/s of a 2 GiB device-to-device copy, bytes read plus bytes written: the median of reps
+    copies, each timed between CUDA events after a warm-up, with no L2 flush between them (each
+    copy moves 80x the L2; under do_bench's flush it read the same within 0.3%, H200 2026-12-04).
+    Launched eagerly: the same memcpy captured in a CUDA graph runs far slower (H200, 2026-11-30:
+    2,710 against 4,240 GB/s eager, and 4,260 for an elementwise copy kernel)."""
     src = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda").normal_()
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    for _ in range(10):
+        dst.copy_(src)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        dst.copy_(src)
+        end.record()
+    torch.cuda.synchronize()
+    ms = statistics.median(start.elapsed_time(end) for start, end in events)
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
@@ -138,8 +147,10 @@ def bench_kernel(args):
                         blocks = [select_blocks(B, nblk, sp, gen) for _ in range(n_sets)]
                         us = bench_graph([lambda i=i: call(i, blocks[i]) for i in range(n_sets)])
                         K = blocks[0].shape[-1]
-                    # K and V of the read pages, q in and out, block ids and page-table entries
-                    must = 2 * B * K * page_bytes + 2 * q.numel() * 2 + 2 * B * HK * K * 4
+                    # K and V of the read pages, q in and out; sparse: each row's block ids and their
+                    # page-table entries, dense: the page table
+                    ids = 2 * B * HK * K * 4 if sp is not None else B * K * 4
+                    must = 2 * B * K * page_bytes + 2 * q.numel() * 2 + ids
                     sp = None if sp is None else 1 - K / nblk   # what was read: K whole blocks of nblk
                     row = dict(S=S, batch=B, context=L, sparsity=sp, us=us, gbs=must / us / 1e3)
                     row.update(pct=100 * row["gbs"] / copy_gbs, flash=base["flash"] / us,
@@ -258,14 +269,15 @@ def bench_ours(net, B, ctx, attn, budget, steps, profile=False):
     for _ in range(3):
         run(tokens, table, lengths)
     select.read.zero_(), select.total.zero_()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    events[0].record()
+    for e in events[1:]:                             # queued back to back: the events only mark the steps
         tokens = run(tokens, table, lengths).argmax(-1)
         lengths += 1
-    end.record()
+        e.record()
     torch.cuda.synchronize()
-    ms, sparsity = start.elapsed_time(end) / steps, select.sparsity()
+    ms = statistics.median(a.elapsed_time(b) for a, b in zip(events, events[1:]))
+    sparsity = select.sparsity()
     prof = kernel_profile(lambda: net.decode(tokens, table, lengths, cache, select),
                           net.config.num_hidden_layers, ms) if profile else []
     del run, cache
@@ -278,7 +290,6 @@ def bench_hf(shape, B, ctx, steps):
     between consecutive new tokens (a logits processor syncs and notes the time at each, so
     the prefill is not in it), each after a warm-up call -> {"dynamic": ms, "static": ms}, the
     caches that ran."""
-    import statistics
     from transformers import LogitsProcessor, LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
     import model as M
 
@@ -295,14 +306,14 @@ def bench_hf(shape, B, ctx, steps):
     torch.manual_seed(0)
     with torch.device("cuda"):
         hf = Qwen3ForCausalLM(cfg).to(torch.bfloat16).eval()
-    ids = torch.randint(0, cfg.vocab_size, (B, ctx), device="cuda")
+    ids = torch.randint(1, cfg.vocab_size, (B, ctx), device="cuda")   # no pad id (0): generate would mask it
     times = {}
     for impl in ("dynamic", "static"):
         try:
-            for n in (2, 1 + steps):   # the first call warms up (allocations, cuBLAS, any compile)
+            for _ in range(2):   # the first call warms up (allocations, cuBLAS, a static cache's size and compile)
                 clock = Clock()
-                hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation=impl,
-                            pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
+                hf.generate(ids, max_new_tokens=1 + steps, min_new_tokens=1 + steps, do_sample=False,
+                            cache_implementation=impl, pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
             times[impl] = statistics.median(b - a for a, b in zip(clock.times, clock.times[1:])) * 1e3
         except Exception as e:  # the baseline is optional: report and go on
             print(f"# transformers {impl} cache failed at batch {B}, {ctx}: {type(e).__name__}: {str(e)[:100]}")
