@@ -288,8 +288,9 @@ def bench_ours(net, B, ctx, attn, budget, steps, profile=False):
 def bench_hf(shape, B, ctx, steps):
     """ms per step of dense decode through transformers' generate (sdpa): the median interval
     between consecutive new tokens (a logits processor syncs and notes the time at each, so
-    the prefill is not in it), each after a warm-up call -> {"dynamic": ms, "static": ms}, the
-    caches that ran."""
+    the prefill is not in it) in the second of two identical calls per cache -> {"dynamic": ms,
+    "static": ms}, the caches that ran. (A 2-token warm-up, used until 2026-12-04, left the dynamic
+    cache's timed call 1.5-2x slower: README.)"""
     from transformers import LogitsProcessor, LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
     import model as M
 
