@@ -188,8 +188,10 @@ STALL_S = 120  # an e2e row still running after this long prints every thread's 
                # each STALL_S (rows take 3-30 s on an H200; the grid stalled three times, cause unknown: README)
 
 def random_model(shape):
-    """Qwen3 of a published shape, random bf16 weights, on the GPU (no download)."""
+    """Qwen3 of a published shape, random bf16 weights, on the GPU (no download). Seeds torch too, for
+    what is drawn after it (the gates, the random caches and tokens)."""
     import model as M
+    torch.manual_seed(0)
     return M.Qwen3.random(M.Qwen3Config(**M.SHAPES[shape], max_position_embeddings=131072), "cuda", torch.bfloat16)
 
 
@@ -290,7 +292,7 @@ def bench_hf(shape, B, ctx, steps):
     between consecutive new tokens (a logits processor syncs and notes the time at each, so
     the prefill is not in it) in the second of two identical calls per cache -> {"dynamic": ms,
     "static": ms}, the caches that ran. (A 2-token warm-up, used until 2026-12-04, left the dynamic
-    cache's timed call 1.5-2x slower: README.)"""
+    cache's timed call 1.5-2.2x slower: README.)"""
     from transformers import LogitsProcessor, LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
     import model as M
 
