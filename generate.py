@@ -464,7 +464,7 @@ def main(argv=None):
     args.block_size = args.block_size or block
     args.eval_blocks = args.eval_blocks or [block]
     args.attn = args.attn or ("seer" if args.gates else "dense")
-    if args.attn == "seer" and not args.gates:
+    if args.attn == "seer" and not args.gates and not args.eval:   # (--eval: its rows say, from --eval-attn)
         raise SystemExit("error: --attn seer needs gates: give --gate DIR")
     args.task = args.task or "boxed"
     args.seed = args.seed or 0
