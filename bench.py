@@ -23,6 +23,20 @@ L2_BYTES = 200 << 20  # rotate inputs until one replay touches about 4x the 50 M
 POOL_BYTES = 8 << 30  # ... within a page pool of at most this (or one set)
 
 
+def median_ms(fn, reps):
+    """Median ms of fn(): 10 warm-up calls, then reps calls queued back to back, each between CUDA events
+    (no L2 flush between them: the callers make each call read more than the L2 holds)."""
+    for _ in range(10):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
 def bench_graph(calls, reps=100):
     """Median µs of one call: all `calls` captured in one CUDA graph, `reps` replays each timed
     between CUDA events after a warm-up. Nothing flushes the L2 between replays: the callers'
@@ -38,34 +52,18 @@ def bench_graph(calls, reps=100):
     with torch.cuda.graph(graph):
         for fn in calls:
             fn()
-    for _ in range(10):
-        graph.replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events) * 1e3 / len(calls)
+    return median_ms(graph.replay, reps) * 1e3 / len(calls)
 
 
 def copy_bandwidth(reps=100):
     """GB/s of a 2 GiB device-to-device copy, bytes read plus bytes written: the median of reps
-    copies, each timed between CUDA events after a warm-up, with no L2 flush between them (each
-    copy moves 80x the L2; under do_bench's flush it read the same within 0.3%, H200 2026-12-04).
+    copies (median_ms: each copy moves 80x the L2; under do_bench's flush it read the same within
+    0.3%, H200 2026-12-04).
     Launched eagerly: the same memcpy captured in a CUDA graph runs far slower (H200, 2026-11-30:
     2,710 against 4,240 GB/s eager, and 4,260 for an elementwise copy kernel)."""
     src = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda").normal_()
     dst = torch.empty_like(src)
-    for _ in range(10):
-        dst.copy_(src)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        dst.copy_(src)
-        end.record()
-    torch.cuda.synchronize()
-    ms = statistics.median(start.elapsed_time(end) for start, end in events)
+    ms = median_ms(lambda: dst.copy_(src), reps)
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
