@@ -330,7 +330,7 @@ def bench_e2e(args):
     dev = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth()
     print(f"# {dev}, torch {torch.__version__}; device-to-device copy {copy_gbs:.0f} GB/s; bf16, block {BLOCK}, "
-          f"{args.steps} decode steps after a random {{context}}-token cache; kernel {args.kernel}")
+          f"{args.steps} decode steps after a cache of random K/V as long as the row's context; kernel {args.kernel}")
     print("# floor = bytes that must be read / copy bandwidth; ×dense = our dense step / this step")
     cols = ["shape", "batch", "context", "attn", "budget", "ms/step", "tok/s", "sparsity", "floor ms",
             "×floor", "×dense"]
