@@ -290,8 +290,8 @@ def bench_hf(shape, B, ctx, steps, calls=3):
     then `calls` identical timed calls; a call's time is the median interval between its consecutive
     new tokens (a logits processor syncs and notes the time at each, so the prefill is not in it),
     and the cache's is its fastest call's -> {"dynamic": [ms per call], "static": [...]}, the caches
-    that ran. The fastest, because the dynamic cache's calls differ by up to 1.7x in one process
-    (42-73 ms at 8B batch 8 x 32K; README). (A 2-token warm-up, used until 2026-12-04, left the
+    that ran. The fastest, because the dynamic cache's calls differ by up to 1.8x, in one process
+    and between processes (40-73 ms at 8B batch 8 x 32K; README). (A 2-token warm-up, used until 2026-12-04, left the
     dynamic cache's timed call 1.5-2.2x slower.)"""
     from transformers import LogitsProcessor, LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
     import model as M
