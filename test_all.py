@@ -213,6 +213,19 @@ def reference_decode(q, k_pages, v_pages, table, lengths, blocks, scale):
 
 
 
+def test_rms_norm_rounds_as_transformers_does():
+    """model.rms_norm equals transformers' Qwen3RMSNorm bit for bit in bf16 (normed in float32, cast
+    back, then times the weight) and float32."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+    torch.manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float32):
+        hf = Qwen3RMSNorm(256, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            hf.weight.copy_(1 + 0.3 * torch.randn(256))
+        x = (3 * torch.randn(7, 256)).to(dtype)
+        assert torch.equal(M.rms_norm(x, hf.weight, 1e-6), hf(x)), dtype
+
+
 def test_paged_reference_matches_float64_attention():
     torch.manual_seed(3)
     B, Hq, Hk, D, S, P = 3, 8, 2, 16, 4, 20
@@ -309,6 +322,7 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, caps
     (tmp_path / "latin1.txt").write_bytes("hi\ncaf\u00e9\n".encode("latin-1"))
     (tmp_path / "g").mkdir()
     (tmp_path / "e.jsonl").write_text('{"prompt": "x1 4", "answer": "1"}\n{"prompt": "", "answer": "1"}\n')
+    (tmp_path / "ok.jsonl").write_text('{"prompt": "x1 4", "answer": "1"}\n')
     (tmp_path / "g" / "config.json").write_text(json.dumps({"seerattn_gate_block_size": "16"}))
     # flags checked before any work, each in one line (bench.py: before it looks for a GPU)
     cases = [("generate.py", "--top-p", "0", "--top-p in"), ("generate.py", "--temperature", "-1", "--temperature >= 0"),
@@ -318,6 +332,8 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, caps
              ("generate.py", "--gate", str(tmp_path / "g"), "seerattn_gate_block_size '16' is not a positive integer"),
              ("generate.py", "--block-size", "0", "--block-size must be"),
              ("generate.py", "--eval-budgets", "64,x", "integers, comma-separated"),
+             ("generate.py --task boxed --eval " + str(tmp_path / "ok.jsonl"), "--eval-blocks", "0",
+              "--eval-blocks must be >= 1"),
              ("generate.py", "--device", "tpu", "--device tpu"), ("generate.py", "--device", "cuda:64", "GPUs$"),
              ("generate.py", "--device", "cpu:0", "--device cpu:0: give cpu"),
              ("generate.py", "--kv-memory-fraction", "0", r"--kv-memory-fraction must be in \(0, 1\)"),
@@ -674,14 +690,14 @@ def test_sparse_selectors_with_full_budget_equal_dense(tmp_path):
     assert sel.sparsity() > 0.3
 
 
-def test_oracle_picks_blocks_of_highest_true_attention_and_quest_bounds_qk(tmp_path):
+def test_oracle_picks_blocks_of_highest_true_attention_quest_bounds_qk_and_window_the_latest(tmp_path):
     net = gated_model(tmp_path, hq=8, hk=2)
     torch.manual_seed(7)
     cache = M.PagedKVCache(net.config, 32, 8)
     ids = torch.randint(0, 128, (61,)).tolist()
     net.prefill(ids, 0, cache)
     captured = {}
-    for attn in ("oracle", "quest"):
+    for attn in ("oracle", "quest", "window"):
         sel = GT.Selector(attn, net, cache, 24)
         if attn == "quest":                                    # quest's bounds need pooled keys from a prefill
             cache.release(0)
@@ -696,7 +712,9 @@ def test_oracle_picks_blocks_of_highest_true_attention_and_quest_bounds_qk(tmp_p
             k = cache.k[layer][table[0].long()].reshape(-1, Hk, D)[:L].double()   # [L, Hk, D]
             for h in range(Hk):
                 qh = qr[0, h * 4:(h + 1) * 4].double()                          # [G, D]
-                if attn == "oracle":
+                if attn == "window":                                            # the 3 blocks before the new one's
+                    assert set(blocks[0, h].tolist()) - {-1} == {cur - 3, cur - 2, cur - 1, cur}
+                elif attn == "oracle":
                     p = (qh @ k[:, h].T / D ** 0.5).softmax(-1)                 # [G, L]
                     blockmax = torch.stack([p[:, j * S:(j + 1) * S].max() for j in range(cur)])
                     want = set(blockmax.topk(3).indices.tolist()) | {cur}
@@ -716,11 +734,12 @@ def test_oracle_picks_blocks_of_highest_true_attention_and_quest_bounds_qk(tmp_p
 def test_pick_blocks_with_a_threshold_keeps_the_blocks_above_it():
     """gate.pick_blocks with a threshold (k == 0, the PyTorch path): the complete blocks before the
     new token's whose softmax weight among them exceeds it, in order, then the new token's block;
-    against a float64 softmax, with the token counts. Rows: no complete block, 4, 9."""
+    against a float64 softmax, with the token counts. Rows: no complete block, 4, 9, and a row of
+    length 1 (CUDA-graph padding: not counted)."""
     torch.manual_seed(11)
-    B, Hk, NB, S, thr = 3, 2, 10, 4, 0.08
+    B, Hk, NB, S, thr = 4, 2, 10, 4, 0.08
     score = 2 * torch.randn(B, Hk, NB)
-    lengths = torch.tensor([3, 4 * S + 2, NB * S], dtype=torch.int32)
+    lengths = torch.tensor([3, 4 * S + 2, NB * S, 1], dtype=torch.int32)
     read, total = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
     blocks = GT.pick_blocks(score, lengths, S, 0, thr, read, total)
     want_read = 0
@@ -732,14 +751,16 @@ def test_pick_blocks_with_a_threshold_keeps_the_blocks_above_it():
             want = [j for j in range(cur) if p[j] > thr]
             row = blocks[b, h].tolist()
             assert [x for x in row[:-1] if x >= 0] == want and row[-1] == cur, (b, h, row)
-            want_read += len(want) * S + n - cur * S
-    assert read.item() == want_read and total.item() == lengths.sum().item() * Hk
+            want_read += (len(want) * S + n - cur * S) * (n > 1)
+    assert read.item() == want_read and total.item() == (lengths.sum().item() - 1) * Hk
 
 
 @pytest.mark.parametrize("dev", DEVICES)
-def test_seer_decode_picks_the_top_blocks_of_the_float64_gate_scores(tmp_path, dev, monkeypatch):
+@pytest.mark.parametrize("threshold", [None, 0.12], ids=["top3", "threshold"])
+def test_seer_decode_picks_the_top_blocks_of_the_float64_gate_scores(tmp_path, dev, threshold, monkeypatch):
     """Decode-time seer (running pooled stats, gate keys made as pages fill, one step's query)
-    picks the blocks that gate_scores64, run on the same q and k all at once, ranks highest."""
+    picks the blocks that gate_scores64, run on the same q and k all at once, ranks highest; with a
+    threshold, the blocks whose softmax weight of those scores exceeds it (SPEC §4)."""
     monkeypatch.setattr(M, "decode_attention", M.decode_attention_ref)   # float32 here: not the TileLang kernel
     net = gated_model(tmp_path, hq=8, hk=2).to(dev)
     torch.manual_seed(8)
@@ -748,7 +769,7 @@ def test_seer_decode_picks_the_top_blocks_of_the_float64_gate_scores(tmp_path, d
     for layer in net.layers:
         layer.self_attn.capture = lambda i, q, k, qr, kr: seen[i].append((q.flatten(0, 1), k.flatten(0, 1)))
     cache = M.PagedKVCache(net.config, 32, 8, dev)
-    sel = GT.Selector("seer", net, cache, 24)                  # 3 blocks + the current one
+    sel = GT.Selector("seer", net, cache, None if threshold else 24, threshold)   # top-k: 3 blocks + the current one
     net.prefill(ids[:40], 0, cache, sel)
     cache.allocate(0, 70)
     captured = {}
@@ -757,13 +778,23 @@ def test_seer_decode_picks_the_top_blocks_of_the_float64_gate_scores(tmp_path, d
         net.decode(torch.tensor([ids[n]], device=dev), cache.block_table([0]),
                    torch.tensor([n], dtype=torch.int32, device=dev), cache, Spy(sel, captured))
     assert sorted(captured) == list(range(len(net.layers)))             # every layer asked the selector
+    kept = 0
     for i, (qr, blocks, table, lengths) in captured.items():
         q, k = (torch.cat(t) for t in zip(*seen[i]))         # [70, Hq, D], [70, Hk, D]
         score = gate_scores64(net.layers[i].self_attn.attn_gate, q, k)[69]   # [Hk, NB] at the last token
         for h in range(2):
-            top = score[h].topk(4)
-            assert top.values[2] - top.values[3] > 1e-4       # no near-tie at the cut
-            assert set(blocks[0, h].tolist()) - {-1} == set(top.indices[:3].tolist()) | {69 // 8}, (i, h)
+            if threshold:
+                p = score[h, :69 // 8].softmax(-1)                # the complete blocks' weights
+                assert ((p - threshold).abs() > 1e-4).all()      # no near-tie with the threshold
+                want = set((p > threshold).nonzero().flatten().tolist())
+                kept += len(want)
+            else:
+                top = score[h].topk(4)
+                assert top.values[2] - top.values[3] > 1e-4       # no near-tie at the cut
+                want = set(top.indices[:3].tolist())
+            assert set(blocks[0, h].tolist()) - {-1} == want | {69 // 8}, (i, h)
+    if threshold:   # some blocks kept and some dropped, over the layers and heads (8 complete blocks each)
+        assert 0 < kept < 8 * 2 * len(captured)
 
 
 @needs_triton
@@ -1485,6 +1516,17 @@ def test_data_formats_skip_and_count_bad_lines_and_short_sequences(setup, capsys
     assert spans == [(0, 64), (64, 128), (128, 192), (192, 242)]
     assert TG.render({"prompt": "a", "response": "b"}) == \
         "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
+
+
+def test_lr_warms_up_linearly_then_follows_a_cosine_down_to_min_lr():
+    """The published schedule (SPEC §5): 20 linear warm-up steps to lr 1e-3 (the first step already
+    at 1/20 of it), then a cosine over the remaining steps down to 1e-5 at --steps."""
+    args = TG.parse(["--model", "m", "--data", "d", "--out", "o", "--steps", "820"])
+    lr = [TG.lr_at(s, args) for s in range(821)]
+    assert lr[0] == pytest.approx(1e-3 / 20) and lr[9] == pytest.approx(1e-3 / 2) and lr[19] == pytest.approx(1e-3)
+    assert lr[20] == pytest.approx(1e-3) and lr[420] == pytest.approx((1e-3 + 1e-5) / 2)     # halfway down
+    assert lr[220] == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi / 4)) / 2)   # a quarter
+    assert lr[820] == pytest.approx(1e-5) and all(a >= b for a, b in zip(lr[19:], lr[20:]))
 
 
 def test_train_gate_default_recall_budgets_follow_the_sequence_length():
