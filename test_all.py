@@ -421,6 +421,21 @@ def word_tokenizer(path):
     tk.save(os.path.join(path, "tokenizer.json"))
 
 
+def test_chat_and_no_think_give_qwen3s_template(tmp_path, capsys, monkeypatch):
+    """--chat wraps the prompt in Qwen3's chat template (one user turn, the assistant's turn opened);
+    --no-think adds the empty think block that Qwen3's template writes for enable_thinking=False.
+    The strings are written out here, and checked on what generate.py hands the tokenizer."""
+    turn = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    make_hf_model(tmp_path)
+    word_tokenizer(tmp_path)
+    seen, encode = [], gen.encode
+    monkeypatch.setattr(gen, "encode", lambda tok, texts, *a: (seen.append(list(texts)), encode(tok, texts, *a))[1])
+    for flags, want in ((["--chat"], turn), (["--chat", "--no-think"], turn + "<think>\n\n</think>\n\n")):
+        code, _, err = run_script(capsys, "generate.py", "--model", str(tmp_path), "--prompt", "hi", *flags,
+                                  "--max-new-tokens", "1", "--device", "cpu", "--dtype", "float32")
+        assert code in (0, None) and seen[-1] == [want], (flags, err, seen)
+
+
 def test_generate_cli_streams_and_reports(tmp_path):
     make_hf_model(tmp_path, vocab=128)
     word_tokenizer(tmp_path)
@@ -977,11 +992,15 @@ def test_gate_folder_round_trip_and_published_layout(tmp_path):
     g = tmp_path / "g"
     assert sorted(os.listdir(g)) == ["config.json", "model.safetensors"]           # no temp files left
     assert (g / "model.safetensors").stat().st_mode == (g / "config.json").stat().st_mode   # not owner-only
-    other = M.Qwen3.from_pretrained(str(tmp_path / "m"))
-    GT.load_gates(other, str(tmp_path / "g"))
-    assert GT.gate_state(net).keys() == GT.gate_state(other).keys()
-    for a, b in zip(GT.gate_state(net).values(), GT.gate_state(other).values()):
-        assert torch.equal(a, b)
+    saved = json.loads((g / "config.json").read_text())                           # block 8, Dg 16 (gated_model)
+    assert saved["seerattn_gate_block_size"] == 8 and saved["seerattn_gate_hidden_size"] == 16
+    for dtype in (torch.bfloat16, torch.float32):                                 # loads into the model's dtype
+        other = M.Qwen3.from_pretrained(str(tmp_path / "m"), dtype=dtype)
+        GT.load_gates(other, str(tmp_path / "g"))
+        assert all(l.self_attn.attn_gate.block_size == 8 and l.self_attn.attn_gate.dg == 16 for l in other.layers)
+        assert GT.gate_state(net).keys() == GT.gate_state(other).keys()
+        for a, b in zip(GT.gate_state(net).values(), GT.gate_state(other).values()):
+            assert b.dtype == dtype and torch.equal(b, a.to(dtype))
     # a folder written by hand in the published layout: base config + seerattn_* fields, no norms
     from safetensors.torch import save_file
     pub = tmp_path / "pub"
@@ -1497,6 +1516,17 @@ def test_trained_gate_folder_runs_in_generate_seer(setup, capsys):
     assert m and float(m.group(1)) > 10, r.stdout
 
 
+def test_unpacked_sequences_keep_each_documents_start_and_whole_blocks(tmp_path):
+    """Without packing, a document longer than --seq-len keeps its first tokens, one of exactly two
+    blocks is kept, and one a token short of two blocks is dropped (word w<i> is token id i)."""
+    word_tokenizer(tmp_path)
+    docs = [" ".join(f"w{i % 100}" for i in range(200)), " ".join(f"w{i}" for i in range(32)),
+            " ".join(f"w{i}" for i in range(31))]
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in docs])
+    tokens, spans = TG.load_sequences([data], str(tmp_path), 128, 16, pack=False)
+    assert [tokens[a:b].tolist() for a, b in spans] == [[i % 100 for i in range(128)], list(range(32))]
+
+
 def test_data_formats_skip_and_count_bad_lines_and_short_sequences(setup, capsys):
     d, model, _ = setup
     long = " ".join(f"w{i % 100}" for i in range(200))
@@ -1899,6 +1929,27 @@ def test_eval_mode_scores_problems_and_prints_every_row(tmp_path):
     data.write_text(data.read_text() + json.dumps({"prompt": "what is 2 + 2?", "answer": "4"}) + "\n")
     run_cli("generate.py", "--eval", str(data), "--task", "tiny", fails_with="record 4: not a tiny-task prompt")
 
+
+
+def test_eval_table_averages_answers_steps_sparsity_and_length(tmp_path, capsys, monkeypatch):
+    """The --eval table from fixed outputs (generate.run replaced): problem 1 gets its reference trace
+    (answer right, every step right), problem 2 the same trace without its answer line (answer
+    wrong, every step right), so each row reads answer 50.0%, steps 100.0%, the sparsity run gave,
+    and the two outputs' mean length."""
+    data = tmp_path / "p.jsonl"
+    tiny.write_jsonl(str(data), 2, seed=5, n_x=10, n_y=6)
+    recs = [json.loads(line) for line in data.read_text().splitlines()]
+    tok = tiny.build_tokenizer()
+    traces = [r["text"][len(r["prompt"]):] for r in recs]
+    outs = [tok.encode(traces[0]).ids, tok.encode(traces[1].rsplit("\n", 1)[0]).ids]
+    monkeypatch.setattr(gen, "run", lambda net, ids, eos, args, attn, budget, block, graphs, on_token=None:
+                        (outs, 0.0 if attn == "dense" else 0.25, 1.0, 0.1))
+    code, out, err = run_script(capsys, "generate.py", "--eval", str(data), "--task", "tiny", "--eval-attn",
+                                "dense,window", "--eval-budgets", "32", "--eval-blocks", "16", "--device", "cpu")
+    assert code in (0, None), err
+    n = round((len(outs[0]) + len(outs[1])) / 2)
+    assert f"| dense | - | - | 50.0% | 100.0% | 0.0% | {n} |" in out, out
+    assert f"| window | 16 | 32 | 50.0% | 100.0% | 25.0% | {n} |" in out, out
 
 
 def test_parse_prompt_rejects_a_program_score_could_not_judge():
