@@ -436,6 +436,61 @@ def test_chat_and_no_think_give_qwen3s_template(tmp_path, capsys, monkeypatch):
         assert code in (0, None) and seen[-1] == [want], (flags, err, seen)
 
 
+def test_prompts_file_prints_each_prompts_greedy_text_under_its_header_and_stops_a_row_at_eos(tmp_path, capsys):
+    """Three prompts from --prompts-file, decoded together: each printed under '--- [i] prompt' in file
+    order, equal to transformers' greedy continuation; generation_config.json's EOS (not config.json's)
+    ends prompt 0 early (at a token no other row meets), while the others run to --max-new-tokens."""
+    hf = make_hf_model(tmp_path)
+    word_tokenizer(tmp_path)
+    prompts = ["w1 w2 w3", "w10 w11", "w20 w21 w22 w23 w24"]
+    ids = [[int(w[1:]) for w in p.split()] for p in prompts]
+    hf.generation_config.eos_token_id = None
+    refs = [hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p):].tolist() for p in ids]
+    n0 = next(i for i in range(1, 7) if refs[0][i] not in refs[0][:i] + refs[1] + refs[2] + [127])
+    eos = refs[0][n0]                                  # prompt 0's (n0+1)-th token, met by no other row
+    gc = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**gc, "eos_token_id": eos}))
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    code, out, err = run_script(capsys, "generate.py", "--model", str(tmp_path), "--prompts-file",
+                                str(tmp_path / "prompts.txt"), "--max-new-tokens", "8", "--block-size", "4",
+                                "--device", "cpu", "--dtype", "float32")
+    assert code in (0, None), err
+    want = [refs[0][:n0 + 1], refs[1], refs[2]]
+    word = lambda t: "<|endoftext|>" if t == 127 else f"w{t}"          # word_tokenizer's vocabulary
+    blocks = "".join(f"--- [{i}] {p!r}\n{' '.join(map(word, w))}\n" for i, (p, w) in enumerate(zip(prompts, want)))
+    assert blocks in out, out
+    assert f"generated tokens {n0 + 17} |" in out and "ended by EOS 1 of 3]" in out, out
+
+
+def test_report_line_counts_prompt_and_new_tokens_and_the_decode_rate_after_the_first_tokens(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """run() replaced: outputs of 4 (the last EOS) and 2 tokens, 2.0 s in all, first tokens at 0.5 s ->
+    6 tokens generated, (6 - 2) / 1.5 = 2.7 tokens/s decoded after the first ones, 1 of 2 ended by EOS."""
+    make_hf_model(tmp_path)
+    word_tokenizer(tmp_path)
+    monkeypatch.setattr(gen, "run", lambda net, ids, eos, args, attn, budget, block, graphs, on_token=None:
+                        ([[5, 6, 7, 127], [8, 9]], 0.0, 2.0, 0.5))
+    code, out, err = run_script(capsys, "generate.py", "--model", str(tmp_path), "--prompt", "w1 w2", "--prompt",
+                                "w3 w4 w5", "--device", "cpu")
+    assert code in (0, None), err
+    assert ("[prompt tokens 5 | first tokens after 0.5 s | generated tokens 6 | decode 2.7 tokens/s | attn dense | "
+            "sparsity 0.0% | ended by EOS 1 of 2]") in out, out
+
+
+def test_seed_reproduces_and_changes_sampled_text(tmp_path, capsys):
+    make_hf_model(tmp_path)
+    word_tokenizer(tmp_path)
+
+    def sampled(seed):
+        code, out, err = run_script(capsys, "generate.py", "--model", str(tmp_path), "--prompt", "w1 w2 w3",
+                                    "--max-new-tokens", "24", "--temperature", "1.0", "--seed", str(seed),
+                                    "--device", "cpu", "--dtype", "float32")
+        assert code in (0, None), err
+        return out.split("\n")[0]
+    a, b, c = sampled(1), sampled(1), sampled(2)
+    assert a == b and a != c, (a, c)
+
+
 def test_generate_cli_streams_and_reports(tmp_path):
     make_hf_model(tmp_path, vocab=128)
     word_tokenizer(tmp_path)
@@ -1018,6 +1073,29 @@ def test_gate_folder_round_trip_and_published_layout(tmp_path):
                for l in other.layers)
     assert GT.gate_state(other).keys() == w.keys()
     assert all(torch.equal(v, w[k]) for k, v in GT.gate_state(other).items())
+
+
+def test_attached_and_loaded_gates_rotate_with_the_models_rope_theta(tmp_path):
+    """SPEC §2: RoPE inside the gate with the model's rope_theta (make_hf_model's: 10000)."""
+    net = gated_model(tmp_path / "m")
+    assert [l.self_attn.attn_gate.rope_theta for l in net.layers] == [10000.0, 10000.0]
+    GT.save_gates(net, str(tmp_path / "g"))
+    other = M.Qwen3.from_pretrained(str(tmp_path / "m"))
+    GT.load_gates(other, str(tmp_path / "g"))
+    assert [l.self_attn.attn_gate.rope_theta for l in other.layers] == [10000.0, 10000.0]
+
+
+def test_selector_refuses_a_zero_budget_and_a_threshold_outside_0_1(tmp_path):
+    """A budget of 0 would fall into the threshold path (k = 0) with threshold 0 and keep every block;
+    a threshold of 0 keeps every block too, one of 1 none."""
+    net = gated_model(tmp_path / "m")
+    cache = M.PagedKVCache(net.config, 8, 8)
+    for attn in ("seer", "quest", "window"):
+        with pytest.raises(ValueError, match="positive multiple of the block size 8"):
+            GT.Selector(attn, net, cache, 0)
+    for t in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
+            GT.Selector("seer", net, cache, threshold=t)
 
 
 def test_gate_and_budget_bad_inputs(tmp_path):
@@ -1638,14 +1716,102 @@ def test_train_gate_under_torchrun_refuses_a_named_gpu(setup, tmp_path, capsys, 
     assert "each rank takes cuda:LOCAL_RANK" in capsys.readouterr().err
 
 
-def test_two_ranks_over_gloo_match_one_process(setup):
+def test_recall_table_averages_recall_over_rows_and_far_shares_over_far_cases(setup, capsys, monkeypatch):
+    """recall_layer replaced by fixed sums (each call: 10 rows, 4 far needles): evaluate() divides
+    recall sums by the rows and far-needle hits by the far cases, over 2 held-out sequences x 2 layers."""
     d, model, data = setup
-    cpu = ["--steps", "3", "--batch", "4", "--device", "cpu"]       # gloo on any machine (a GPU host may have one GPU)
+    per = {("gate", 16): (7, 1), ("quest", 16): (6, 0), ("oracle", 16): (9, 3),
+           ("gate", 32): (8, 2), ("quest", 32): (6.5, 1), ("oracle", 32): (9.5, 4)}
+
+    def fixed(gate, q, k, qr, kr, loss_from, chunk, budgets, sums):
+        for (name, b), (r, f) in per.items():
+            sums[name, b] = sums.get((name, b), 0.0) + r
+            sums[name, b, "far"] = sums.get((name, b, "far"), 0.0) + f
+        sums["n"] = sums.get("n", 0.0) + 10
+        sums["far"] = sums.get("far", 0.0) + 4
+    monkeypatch.setattr(TG, "recall_layer", fixed)
+    capsys.readouterr()
+    hist = TG.main(base_args(model, data, d / "table", "--steps", "1", "--eval-every", "1"))
+    out = capsys.readouterr().out
+    rec = hist["recall"][1]
+    assert rec["far cases"] == 16
+    for (name, b), (r, f) in per.items():
+        assert rec[name, b] == pytest.approx(r / 10) and rec[name, b, "far"] == pytest.approx(f / 4), (name, b)
+    assert "share of 16 far needles" in out, out
+    assert "      16  0.7000  0.6000  0.9000        0.2500  0.0000  0.7500" in out, out
+    assert "      32  0.8000  0.6500  0.9500        0.5000  0.2500  1.0000" in out, out
+
+
+def test_stop_after_counts_the_steps_of_this_run(setup, capsys):
+    """--stop-after N stops N steps after where this run started: 2, then 2 more from a resume, then the rest."""
+    d, model, data = setup
+    out = d / "stop"
+    for extra, want in ((["--stop-after", "2"], 2), (["--resume", "--stop-after", "2"], 4), (["--resume"], 6)):
+        TG.main(base_args(model, data, out, "--steps", "6", "--warmup", "2", *extra))
+        assert torch.load(out / "train_state.pt", weights_only=True)["step"] == want, extra
+        assert f"saved step {want} to" in capsys.readouterr().out
+
+
+def test_held_out_sequences_are_not_trained_on(setup, monkeypatch):
+    """12 documents of 300 words + a separator each, packed: 3612 tokens -> 28 sequences of 128 (the
+    28-token tail is dropped); --eval-seqs 2 holds out the last two, training sees the first 26."""
+    d, model, data = setup
+    seen = []
+
+    class Recording(TG.Order):
+        def __init__(self, tokens, spans, seed):
+            seen.append(list(spans))
+            super().__init__(tokens, spans, seed)
+    monkeypatch.setattr(TG, "Order", Recording)
+    TG.main(base_args(model, data, d / "held", "--steps", "1"))
+    assert seen == [[(128 * i, 128 * (i + 1)) for i in range(26)]]
+
+
+def test_order_visits_every_sequence_once_an_epoch_in_a_new_order_and_resumes_from_an_index():
+    tokens, spans = torch.arange(10), [(i, i + 1) for i in range(10)]
+    data = TG.Order(tokens, spans, seed=3)
+    epochs = [[int(data[e * 10 + r]) for r in range(10)] for e in range(3)]
+    assert all(sorted(e) == list(range(10)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 3                     # a fresh permutation each epoch
+    fresh = TG.Order(tokens, spans, seed=3)                         # a resumed run: from the index alone
+    assert [int(fresh[i]) for i in range(15, 30)] == [x for e in epochs for x in e][15:30]
+
+
+def test_seq_len_may_equal_max_position_embeddings(setup, monkeypatch):
+    """Positions 0 .. 1023 all exist in a model of max_position_embeddings 1024: --seq-len 1024 passes the
+    check (the run is stopped right after it, at the data loading)."""
+    d, model, data = setup
+
+    class Reached(Exception):
+        pass
+    monkeypatch.setattr(TG, "load_sequences", lambda *a, **k: (_ for _ in ()).throw(Reached()))
+    with pytest.raises(Reached):
+        TG.main(["--model", model, "--data", data, "--out", str(d / "maxpos"), "--seq-len", "1024",
+                 "--block-size", "16", "--gate-hidden", "16"])
+
+
+def test_two_ranks_over_gloo_match_one_process(setup, capsys):
+    """The gates, and the KL and recall table that rank 0 prints (all-reduced over the ranks), of two
+    gloo ranks equal one process's over the same batch."""
+    d, model, data = setup
+    cpu = ["--steps", "3", "--batch", "4", "--device", "cpu", "--log-every", "3"]   # gloo on any machine
+    capsys.readouterr()
     TG.main(base_args(model, data, d / "one", *cpu))
-    run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "train_gate.py",
-            *base_args(model, data, d / "two", *cpu), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    printed = capsys.readouterr().out
+    r = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "train_gate.py",
+                *base_args(model, data, d / "two", *cpu), env={**os.environ, "OMP_NUM_THREADS": "1"})
     one, two = read_gates(d / "one"), read_gates(d / "two")
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+
+    def report(text):   # the step's KL, the far-needle count, the recall table's rows
+        kl = float(re.search(r"step 3/3 \| KL ([\d.]+)", text).group(1))
+        far = int(re.search(r"the share of (\d+) far needles", text).group(1))
+        rows = [[float(x) for x in line.split()] for line in
+                re.findall(r"^\s+\d+(?:\s+[\d.]+){6}$", text, re.M)]
+        return kl, far, rows
+    (kl1, far1, rows1), (kl2, far2, rows2) = report(printed), report(r.stdout)
+    assert kl2 == pytest.approx(kl1, abs=2e-4) and far1 == far2 > 0 and len(rows1) == len(rows2) == 2
+    assert all(a == pytest.approx(b, abs=2e-4) for a, b in zip(rows1, rows2)), (rows1, rows2)
 
 
 # ---- the tiny task and the shipped tiny model (tiny.py, tiny/) ----
@@ -1950,6 +2116,46 @@ def test_eval_table_averages_answers_steps_sparsity_and_length(tmp_path, capsys,
     n = round((len(outs[0]) + len(outs[1])) / 2)
     assert f"| dense | - | - | 50.0% | 100.0% | 0.0% | {n} |" in out, out
     assert f"| window | 16 | 32 | 50.0% | 100.0% | 25.0% | {n} |" in out, out
+
+
+def test_default_run_scores_the_generated_trace(capsys, monkeypatch):
+    """The shipped model's default run (run() replaced by the problem's own reference trace, then by
+    that trace with one looked-up value changed): the answer line and 'steps correct' of that text."""
+    p = tiny.make_problem(random.Random(3))
+    tok = tiny.build_tokenizer()
+    eos = tiny.VOCAB.index(tiny.EOS)
+    for trace, steps in ((p["trace"], 120), (corrupt(p["trace"], 4, 7), 119)):   # the answer right either way
+        out_ids = tok.encode(trace).ids + [eos]
+        monkeypatch.setattr(gen, "run", lambda *a, **k: ([out_ids], 0.5, 2.0, 0.5))
+        code, out, err = run_script(capsys, "generate.py", "--seed", "3", "--device", "cpu")
+        assert code in (0, None), err
+        assert f"[answer correct (expected {p['answer']}) | steps correct {steps}/120]" in out, out
+        assert "[prompt tokens 1624 |" in out and "ended by EOS 1 of 1]" in out, out
+
+
+def test_trace_loss_is_the_next_token_cross_entropy_over_the_trace_only():
+    """trace_loss against a float64 cross-entropy from the full forward's logits, counting only the
+    positions whose next token is in the trace (ids[:, P:]); hits: argmax == next token there."""
+    net = M.Qwen3.from_pretrained(os.path.join(HERE, "tiny"), dtype=torch.float32)
+    tok = tiny.build_tokenizer()
+    ids, P = tiny.make_batch(random.Random(2), tok, 2, 256)
+    ids = torch.from_numpy(ids)
+    g = torch.Generator().manual_seed(0)                                 # every 7th trace token a random digit:
+    ids[:, P::7] = torch.randint(2, 12, ids[:, P::7].shape, generator=g)   # a loss of O(1), not ~1e-5
+    with torch.no_grad():
+        loss, hits = tiny.trace_loss(net, ids, P)
+        full = net(ids).double()                                        # [R, T, V]
+    T = ids.shape[1]
+    lp = full.log_softmax(-1)[:, P - 1:T - 1]                            # predictions of tokens P .. T-1
+    want = -lp.gather(-1, ids[:, P:, None]).mean()
+    assert abs(loss.item() - want.item()) < 1e-4 * want.item(), (loss.item(), want.item())
+    assert hits.shape == (ids.shape[0], T - P)
+    assert (hits == (full[:, P - 1:T - 1].argmax(-1) == ids[:, P:])).float().mean() > 0.99
+
+
+def test_tiny_tokenizer_reads_an_unknown_word_as_pad():
+    ids = tiny.build_tokenizer().encode("x1 hello\n2").ids
+    assert ids == [tiny.VOCAB.index(w) for w in ("x1", "<pad>", "\n", "2")]
 
 
 def test_parse_prompt_rejects_a_program_score_could_not_judge():
