@@ -2,8 +2,8 @@
 weights) with dense and seer attention against Hugging Face transformers, each step beside its
 byte floor; ours is the median of --steps replayed CUDA-graph steps, each between CUDA events (with
 its input copies, greedy argmax and length update), transformers' the median interval between its
-new tokens in the fastest of three calls per cache. `python bench.py kernel`: the paged block-sparse decode kernel
-(kernel_decode.py) against dense SDPA and against its own dense mode, on random bf16 data,
+new tokens in the fastest of three calls per cache. `python bench.py kernel`: the paged block-sparse
+decode kernel (kernel_decode.py) against dense SDPA and against its own dense mode, on random bf16 data,
 Qwen3-4B/8B attention shapes (Hq 32, Hk 8, D 128); medians of CUDA-graph replays (launch cost
 excluded, as in a graph-captured decode step), each replay running the call on several disjoint
 sets of pages so that the bytes of one call are not served from L2 by the previous one.
@@ -291,8 +291,7 @@ def bench_hf(shape, B, ctx, steps, calls=3):
     new tokens (a logits processor syncs and notes the time at each, so the prefill is not in it),
     and the cache's is its fastest call's -> {"dynamic": [ms per call], "static": [...]}, the caches
     that ran. The fastest, because the dynamic cache's calls differ by up to 1.8x, in one process
-    and between processes (40-73 ms at 8B batch 8 x 32K; README). (A 2-token warm-up, used until 2026-12-04, left the
-    dynamic cache's timed call 1.5-2.2x slower.)"""
+    and between processes (40-73 ms at 8B batch 8 x 32K; README)."""
     from transformers import LogitsProcessor, LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
     import model as M
 
@@ -413,7 +412,8 @@ def main(argv=None):
     e.add_argument("--hf", nargs="+", default=["qwen3-8b:8:8192", "qwen3-8b:1:32768", "qwen3-8b:8:32768"],
                    help="transformers baselines as shape:batch:context, timed after our rows (each takes minutes)")
     e.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
-    e.add_argument("--hf-steps", type=int, default=32, help="decode steps timed in each of transformers' 3 timed calls per cache")
+    e.add_argument("--hf-steps", type=int, default=32,
+                   help="decode steps timed in each of transformers' 3 timed calls per cache")
     e.add_argument("--profile", action="store_true",
                    help="after each row, the kernels of one eager decode step, the Triton ones without PDL "
                         "(torch.profiler): "

@@ -468,8 +468,7 @@ def test_report_line_counts_prompt_and_new_tokens_and_the_decode_rate_after_the_
     6 tokens generated, (6 - 2) / 1.5 = 2.7 tokens/s decoded after the first ones, 1 of 2 ended by EOS."""
     make_hf_model(tmp_path)
     word_tokenizer(tmp_path)
-    monkeypatch.setattr(gen, "run", lambda net, ids, eos, args, attn, budget, block, graphs, on_token=None:
-                        ([[5, 6, 7, 127], [8, 9]], 0.0, 2.0, 0.5))
+    monkeypatch.setattr(gen, "run", lambda *a, **k: ([[5, 6, 7, 127], [8, 9]], 0.0, 2.0, 0.5))
     code, out, err = run_script(capsys, "generate.py", "--model", str(tmp_path), "--prompt", "w1 w2", "--prompt",
                                 "w3 w4 w5", "--device", "cpu")
     assert code in (0, None), err
