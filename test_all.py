@@ -362,6 +362,29 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, caps
         assert code not in (0, None) and re.search(msg, err), (script, flag, value, err)
 
 
+def test_bench_byte_floor_counts_the_published_qwen3_sizes():
+    """bench.py's floor (every "x floor" it prints) from published numbers: Qwen3-8B has 8,190,735,360
+    parameters, 4B 4,022,468,096 with lm_head tied to the embedding table; a gate per layer is Wq
+    [Hk, G, D, Dg], Wk [Hk, 3D, Dg] and two norms [Dg]. As in bench.py, the models carry gates in
+    dense rows too (not read there). Built on the meta device: no memory."""
+    import bench
+
+    def meta(shape):
+        with torch.device("meta"):
+            net = M.Qwen3(M.Qwen3Config(**M.SHAPES[shape])).to(torch.bfloat16)
+        return GT.attach_gates(net, block_size=64)
+
+    B, L, Hk, D, ctx, S, Dg = 8, 36, 8, 128, 32768, 64, 128
+    kv = B * L * Hk * ctx * 2 * D * 2                                   # K and V of every token, bf16
+    emb8 = 151_936 * 4096
+    net8 = meta("qwen3-8b")
+    assert bench.step_bytes(net8, B, ctx, 0.0, S, False) == 2 * (8_190_735_360 - emb8) + kv
+    assert bench.step_bytes(meta("qwen3-4b"), B, ctx, 0.0, S, False) == 2 * 4_022_468_096 + kv
+    gates = L * (Hk * 4 * D * Dg + Hk * 3 * D * Dg / S + 2 * Dg)        # Wk read once a page fills
+    gate_keys = B * L * Hk * (ctx // S) * Dg * 2
+    assert bench.step_bytes(net8, B, ctx, 0.875, S, True) == 2 * (8_190_735_360 - emb8 + gates) + kv / 8 + gate_keys
+
+
 def test_kv_pool_for_a_huge_max_new_tokens_is_what_generate_can_use():
     """The pool holds what generate lets a sequence have: its prompt and new tokens up to
     max_position_embeddings (one new token at least), not --max-new-tokens' worth."""
