@@ -271,6 +271,55 @@ def run_script(capsys, script, *args):
     return code, out, err + (code if isinstance(code, str) else "")
 
 
+def test_paged_reference_ignores_nan_in_unwritten_slots():
+    """Slots past a sequence's length (the rest of its last page, and the pages its table row is padded
+    with) hold whatever was there: NaN here. decode_attention_ref, dense and sparse, equals the float64
+    attention over the written tokens only."""
+    torch.manual_seed(13)
+    B, Hq, Hk, D, S, P = 3, 4, 2, 16, 4, 12
+    q = torch.randn(B, Hq, D)
+    kp, vp = torch.randn(P, S, Hk, D), torch.randn(P, S, Hk, D)
+    lengths = torch.tensor([3, 9, 14], dtype=torch.int32)
+    table = torch.tensor([[0, 11, 11, 11], [1, 2, 3, 11], [4, 5, 6, 7]], dtype=torch.int32)   # 11: padding
+    for b, n in enumerate(lengths.tolist()):
+        last = table[b, (n - 1) // S]
+        kp[last, n % S or S:], vp[last, n % S or S:] = float("nan"), float("nan")   # the last page's tail
+    kp[11], vp[11] = float("nan"), float("nan")
+    blocks = torch.tensor([[[-1, 0], [0, -1]], [[0, 2], [-1, 2]], [[1, 3], [0, 3]]], dtype=torch.int32)
+    for sel in (None, blocks):
+        out = M.decode_attention_ref(q, kp, vp, table, lengths, sel)
+        assert not out.isnan().any()
+        torch.testing.assert_close(out.double(), reference_decode(q, kp, vp, table, lengths, sel, D ** -0.5),
+                                   atol=1e-5, rtol=0)
+
+
+def test_untied_model_saved_by_save_pretrained_loads_in_transformers_with_equal_logits(tmp_path):
+    """save_pretrained of an untied model (lm_head its own weight, in Hugging Face's layout: "lm_head.weight",
+    not under "model."), weights cast to the dtype asked for: transformers loads it (no weight
+    missing or re-initialised) and its logits equal ours."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    cfg = M.Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e4,
+                        max_position_embeddings=256, tie_word_embeddings=False)
+    net = M.Qwen3.random(cfg, "cpu", torch.float32, seed=3)
+    with torch.no_grad():
+        net.lm_head.weight.mul_(20.0)                       # logits that differ by token
+    net.save_pretrained(str(tmp_path / "f32"))
+    with safe_open(str(tmp_path / "f32" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" in f.keys() and "model.lm_head.weight" not in f.keys()
+    hf, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "f32"), dtype=torch.float32,
+                                                    output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf.eval()(ids).logits
+        assert ref.std() > 0.1 and (net(ids) - ref).abs().max() <= 1e-4
+    net.save_pretrained(str(tmp_path / "bf16"), torch.bfloat16)
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+
+
 def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         M.Qwen3.from_pretrained(str(tmp_path))
@@ -351,6 +400,8 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, caps
              ("bench.py kernel", "--splits", "33", r"--splits: \d+ to 32 here"),
              ("bench.py kernel", "--context", "1048576", "at most 8192 blocks per sequence"),
              ("bench.py kernel", "--plot", "/nonexistent/x.png", "error: --plot"),
+             ("bench.py kernel", "--context", "0", "--context: positive multiples"),
+             ("bench.py e2e", "--context", "0", "--context, --steps and --hf-steps must be >= 1"),
              ("generate.py", "--eval", str(tmp_path), "is a directory"),   # files: a pipe or device reads as one
              ("generate.py", "--prompts-file", "/dev/null", "holds no prompt"), ("generate.py", "--eval", "/dev/null",
                                                                                  "no records")]
@@ -383,6 +434,33 @@ def test_bench_byte_floor_counts_the_published_qwen3_sizes():
     gates = L * (Hk * 4 * D * Dg + Hk * 3 * D * Dg / S + 2 * Dg)        # Wk read once a page fills
     gate_keys = B * L * Hk * (ctx // S) * Dg * 2
     assert bench.step_bytes(net8, B, ctx, 0.875, S, True) == 2 * (8_190_735_360 - emb8 + gates) + kv / 8 + gate_keys
+
+
+def test_eos_ids_take_every_id_of_a_list_and_fall_back_to_config_json(tmp_path):
+    """Qwen3's generation_config.json lists two EOS ids (<|im_end|>, <|endoftext|>): both end a sequence."""
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 7}))
+    assert gen.eos_ids(str(tmp_path)) == {7}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
+    assert gen.eos_ids(str(tmp_path)) == {151645, 151643}
+
+
+def test_encode_takes_a_prompt_of_max_position_embeddings_tokens(tmp_path):
+    word_tokenizer(tmp_path)
+    tok = M.load_tokenizer(str(tmp_path))
+    name = lambda i: f"prompt [{i}]"
+    assert gen.encode(tok, ["w1 " * 16], 16, name) == [[1] * 16]
+    with pytest.raises(ValueError, match=r"prompt \[1\] has 17 tokens, past the model's max_position_embeddings 16"):
+        gen.encode(tok, ["w1", "w1 " * 17], 16, name)
+
+
+def test_boxed_scoring_takes_the_last_boxed_answer_of_each_side():
+    """--task boxed: the last \\boxed{} of the output (nested braces kept) against the record's answer,
+    itself unboxed when written as \\boxed{...}; spaces ignored."""
+    assert gen.boxed(r"try \boxed{3}, no: \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
+    assert gen.boxed("no box") is None and gen.boxed(r"\boxed{open") is None
+    for answer in ("42", r"\boxed{42}", r"so \boxed{4 2}"):
+        assert gen.score("boxed", {"answer": answer}, r"first \boxed{7} then \boxed{ 42 }") == (True, 0, 0), answer
+        assert gen.score("boxed", {"answer": answer}, r"\boxed{42} then \boxed{7}") == (False, 0, 0), answer
 
 
 def test_kv_pool_for_a_huge_max_new_tokens_is_what_generate_can_use():
@@ -630,6 +708,20 @@ def test_rms_norm_kernel_matches_float64_with_and_without_the_residual_add(H):
 
 
 @needs_triton
+def test_rms_norm_kernel_on_rows_near_eps():
+    """kernel_step.rms_norm_kernel on rows whose mean square is about eps (with and without the
+    residual add): the float64 RMS norm with eps; a zero row stays zero."""
+    torch.manual_seed(15)
+    x, res = 1e-3 * torch.randn(4, 256, device=DEV), 1e-3 * torch.randn(4, 256, device=DEV)
+    x[3], res[3] = 0.0, 0.0
+    w = 1 + 0.3 * torch.randn(256, device=DEV)
+    for residual in (None, res):
+        out, _ = KS.rms_norm_kernel(x, residual, w, 1e-6)
+        s64 = x.double() + (0 if residual is None else residual.double())
+        assert rel_err(out[:3], rms_norm64(s64[:3], w, 1e-6)) < 1e-5 and (out[3] == 0).all()
+
+
+@needs_triton
 @pytest.mark.parametrize("hq,hk,D", [(4, 2, 64), (6, 2, 128)])
 def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D):
     """kernel_step.qk_norm_rope_kernel (one Triton kernel: QK RMSNorm, RoPE, K and V into their page
@@ -664,6 +756,32 @@ def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D
     others = torch.ones(P * S, dtype=torch.bool, device=DEV)
     others[slots] = False
     assert (k_flat[others] == 7).all() and (v_flat[others] == 7).all()
+
+
+@needs_triton
+def test_qk_norm_rope_kernel_with_pages_and_shares_writes_only_the_live_tokens_slots():
+    """The decode configuration: K/V pages and the gate's Wq together (16 tokens a program, 21 tokens: the
+    second program mostly dead rows). K (post-RoPE, float64 reference) and V land in their slots; every
+    other slot, slot 0 included, is untouched."""
+    torch.manual_seed(16)
+    hq, hk, D, N, P, S, theta, eps = 4, 2, 64, 21, 4, 8, 1e4, 1e-6
+    qkv = (3 * torch.randn(N, (hq + 2 * hk) * D, device=DEV)).bfloat16()
+    q_norm, k_norm = (torch.empty(D, device=DEV).uniform_(0.5, 1.5).bfloat16() for _ in range(2))
+    pos = torch.arange(N, device=DEV) + 5
+    cos, sin = M.cos_sin(pos, D, theta, torch.bfloat16)
+    k_pages, v_pages = (torch.full((P, S, hk, D), 7.0, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    slots = 1 + torch.randperm(P * S - 1, device=DEV)[:N]                  # slot 0 never given
+    wq = GT.AttnGate(hk, hq // hk, D, 32, S, True, theta).to(DEV, torch.bfloat16).attngate_linear_q.weight
+    q, k, qr, kr, v, shares = KS.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages,
+                                                     slots, wq)
+    x = qkv.double().view(N, hq + 2 * hk, D)
+    kr64 = rope64(rms_norm64(x[:, hq:hq + hk], k_norm, eps), pos.double()[:, None, None], theta)
+    k_flat, v_flat = k_pages.view(-1, hk, D), v_pages.view(-1, hk, D)
+    assert ((k_flat[slots].double() - kr64).abs().max() / kr64.abs().max()).item() < 2e-2
+    assert torch.equal(v_flat[slots], x[:, hq + hk:].bfloat16()) and shares.shape == (N, hq, 32)
+    others = torch.ones(P * S, dtype=torch.bool, device=DEV)
+    others[slots] = False
+    assert others[0] and (k_flat[others] == 7).all() and (v_flat[others] == 7).all()
 
 
 # ---- the gate, pooled keys and selectors (gate.py, and kernel_step.seer_pick) ----
@@ -755,6 +873,32 @@ def greedy(net, prompts, attn, budget=None, n=40, page=8):
     return gen.generate(net, cache, prompts, n, select=sel), sel
 
 
+def test_seer_pooled_stats_restart_on_a_reused_page(tmp_path):
+    """A sequence decoding into pages another sequence used and released: each page's running max /
+    min / sum are those of its new keys only (float64, from the keys in the pages, RoPE undone)."""
+    net = gated_model(tmp_path)
+    torch.manual_seed(17)
+    cache = M.PagedKVCache(net.config, 5, 8)                           # 5 pages: the second sequence reuses them
+    sel = GT.Selector("seer", net, cache, 16)
+
+    def run(sid, ids, n0):
+        net.prefill(ids[:n0], sid, cache, sel)
+        cache.allocate(sid, len(ids))
+        for n in range(n0, len(ids)):
+            net.decode(torch.tensor([ids[n]]), cache.block_table([sid]), torch.tensor([n], dtype=torch.int32),
+                       cache, sel)
+    run("a", torch.randint(0, 128, (40,)).tolist(), 3)
+    cache.release("a")
+    run("b", torch.randint(0, 128, (29,)).tolist(), 3)
+    pages = cache.pages["b"]
+    k = cache.k[:, pages].double().flatten(1, 2)[:, :29]                # [L, 29, Hk, D] post-RoPE
+    k = rope64(k, -torch.arange(29.0, dtype=torch.float64)[:, None, None], net.config.rope_theta)
+    for name, f in (("kmax", torch.amax), ("kmin", torch.amin), ("ksum", torch.sum)):
+        want = torch.stack([f(k[:, j * 8:(j + 1) * 8], 1) for j in range(4)], 1)
+        got = cache.pooled[name][:, pages].double()
+        assert (got - want).abs().max() <= 1e-4 * (1 + want.abs().max()), name
+
+
 def test_kv_pool_from_a_byte_budget_fills_it_without_passing_it(tmp_path):
     """generate.pages_in_memory (--kv-memory-fraction's pool size) against the bytes the cache and
     each selector's pooled keys then allocate: the pages fit the budget, one more page would not."""
@@ -821,6 +965,27 @@ def test_oracle_picks_blocks_of_highest_true_attention_quest_bounds_qk_and_windo
                     assert top.values[2] - top.values[3] > 1e-4                 # no near-tie at the cut
                     assert set(blocks[0, h].tolist()) - {-1} == set(top.indices[:3].tolist()) | {cur}
         captured.clear()
+
+
+def test_oracle_block_attention_is_the_float64_attention_max_per_block():
+    """gate.block_attention (oracle's scores): per (sequence, KV head, block) the largest probability of
+    softmax(q k / sqrt(D)) over the block's written tokens and the group's heads, written out in float64.
+    Slots past each length hold large keys, so one read would show."""
+    torch.manual_seed(18)
+    B, Hq, Hk, D, S, P = 2, 4, 2, 16, 4, 9
+    qr, kp = torch.randn(B, Hq, D), torch.randn(P, S, Hk, D)
+    table = torch.tensor([[0, 1, 2, 8], [3, 4, 5, 6]], dtype=torch.int32)
+    lengths = torch.tensor([10, 16], dtype=torch.int32)
+    kp[2, 2:], kp[8] = 50.0, 50.0                                        # sequence 0: tokens 10.. unwritten
+    got = GT.block_attention(qr, kp, table, lengths)
+    want = torch.zeros(B, Hk, 4, dtype=torch.float64)
+    for b, n in enumerate(lengths.tolist()):
+        k = kp[table[b].long()].reshape(-1, Hk, D)[:n].double()         # [n, Hk, D]
+        for h in range(Hk):
+            p = (qr[b, 2 * h:2 * h + 2].double() @ k[:, h].T / D ** 0.5).softmax(-1)   # [G, n]
+            for j in range(-(-n // S)):
+                want[b, h, j] = p[:, j * S:(j + 1) * S].max()
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
 
 
 def test_pick_blocks_with_a_threshold_keeps_the_blocks_above_it():
@@ -1107,9 +1272,10 @@ def test_attached_and_loaded_gates_rotate_with_the_models_rope_theta(tmp_path):
     assert [l.self_attn.attn_gate.rope_theta for l in other.layers] == [10000.0, 10000.0]
 
 
-def test_selector_refuses_a_zero_budget_and_a_threshold_outside_0_1(tmp_path):
+def test_selector_refuses_a_missing_or_zero_budget_and_a_threshold_outside_0_1(tmp_path):
     """A budget of 0 would fall into the threshold path (k = 0) with threshold 0 and keep every block;
-    a threshold of 0 keeps every block too, one of 1 none."""
+    a threshold of 0 keeps every block too, one of 1 none. Quest, oracle and window have no threshold
+    mode: without a budget they are refused."""
     net = gated_model(tmp_path / "m")
     cache = M.PagedKVCache(net.config, 8, 8)
     for attn in ("seer", "quest", "window"):
@@ -1118,6 +1284,9 @@ def test_selector_refuses_a_zero_budget_and_a_threshold_outside_0_1(tmp_path):
     for t in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
             GT.Selector("seer", net, cache, threshold=t)
+    for attn in ("quest", "oracle", "window"):
+        with pytest.raises(ValueError, match=f"--attn {attn} needs a token budget"):
+            GT.Selector(attn, net, cache)
 
 
 def test_gate_and_budget_bad_inputs(tmp_path):
@@ -2173,6 +2342,26 @@ def test_trace_loss_is_the_next_token_cross_entropy_over_the_trace_only():
     assert abs(loss.item() - want.item()) < 1e-4 * want.item(), (loss.item(), want.item())
     assert hits.shape == (ids.shape[0], T - P)
     assert (hits == (full[:, P - 1:T - 1].argmax(-1) == ids[:, P:])).float().mean() > 0.99
+
+
+def test_heldout_accuracy_counts_lookups_steps_and_signs(monkeypatch):
+    """tiny.heldout_accuracy with the model's hits given (trace_loss replaced): hits everywhere but the
+    looked-up values (tokens 7 and 10 of each 21-token step line); then everywhere but the operand
+    names (6 and 9) and the program line's sign (3). Values hand-computed from the line layout
+    `y := a op b ; a va ; b vb ; va op vb = r ; y r \\n`."""
+    n_x, n_y = tiny.sizes_for(256)
+    for wrong, want in (([7, 10], dict(x_acc=0.0, y_acc=0.0, step_acc=0.0, sign_acc=1.0)),
+                        ([3, 6, 9], dict(x_acc=1.0, y_acc=1.0, step_acc=0.0, sign_acc=0.0)),
+                        ([], dict(x_acc=1.0, y_acc=1.0, step_acc=1.0, sign_acc=1.0))):
+        def fake(net, ids, P):
+            hit = torch.ones(ids.shape[0], ids.shape[1] - P, dtype=torch.bool)
+            for i in wrong:
+                hit[:, i:21 * n_y:21] = False
+            return torch.tensor(0.0), hit
+        monkeypatch.setattr(tiny, "trace_loss", fake)
+        got = tiny.heldout_accuracy(torch.nn.Linear(1, 1), tiny.build_tokenizer(), "cpu", 256, n=2)
+        T = 21 * n_y + 4                                               # the steps, "answer = v", <|endoftext|>
+        assert got == dict(token_acc=pytest.approx((T - len(wrong) * n_y) / T), **want), (wrong, got)
 
 
 def test_tiny_tokenizer_reads_an_unknown_word_as_pad():
