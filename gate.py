@@ -73,7 +73,7 @@ class AttnGate(nn.Module):
 
 def gate_query(q, positions, wq, norm, theta):
     """q [N, Hq, D] pre-RoPE; wq [Hk, G, D, Dg]; norm [Dg] or None -> gate queries [N, Hk, Dg]."""
-    hk, g, d, dg = wq.shape
+    hk, g, d, _ = wq.shape
     gq = torch.einsum("nhgd,hgde->nhe", q.reshape(q.shape[0], hk, g, d).to(wq.dtype), wq)
     return norm_rope(gq, norm, positions, theta)
 
@@ -211,8 +211,7 @@ class Selector:
                 raise ValueError(f"gate block size {gate.block_size} != page size {S}: set --block-size "
                                  f"{gate.block_size}")
         self.attn, self.model, self.budget, self.threshold = attn, model, budget, threshold
-        # KV tokens read, and what dense steps would read; shape [1], not 0-d: torch.compile drops
-        # in-place updates of 0-d CPU tensors (seen with torch 2.13)
+        # KV tokens read, and what dense steps would read: summed on the device, read once at the end
         self.read = torch.zeros(1, dtype=torch.float64, device=cache.k.device)
         self.total = torch.zeros(1, dtype=torch.float64, device=cache.k.device)
         L, P, _, Hk, D = cache.k.shape

@@ -265,8 +265,10 @@ def run(net, ids, eos, args, attn, budget, block, graphs, on_token=None):
     try:
         cache = M.PagedKVCache(net.config, num_pages, block, args.device, dtype)
     except RuntimeError as e:                        # torch.OutOfMemoryError too
-        raise ValueError(f"a KV pool of {num_pages} pages of {block} tokens does not fit in memory: lower "
-                         f"--num-pages, --max-new-tokens or the batch ({str(e).splitlines()[0][:200]})")
+        lower = ("--kv-memory-fraction" if args.kv_bytes else "--num-pages" if args.num_pages else
+                 "--max-new-tokens or the batch")                 # whichever sized the pool
+        raise ValueError(f"a KV pool of {num_pages} pages of {block} tokens does not fit in memory: lower {lower} "
+                         f"({str(e).splitlines()[0][:200]})")
     select = GT.Selector(attn, net, cache, budget, args.threshold)
     t0, first = time.perf_counter(), None
 
@@ -483,7 +485,7 @@ def main(argv=None):
     if not prompts and not args.eval:
         raise SystemExit(f"error: --prompts-file {args.prompts_file} holds no prompt" if args.prompts_file else
                          "error: give --prompt TEXT (repeatable), --prompts-file FILE or --eval FILE.jsonl")
-    if args.attn == "dense" and (args.budget or args.threshold):
+    if args.attn == "dense" and (args.budget is not None or args.threshold is not None):
         raise SystemExit("error: --budget and --threshold choose blocks for a sparse --attn; dense reads every block")
     if args.eval and (why := M.unreadable(args.eval)):
         raise SystemExit(f"error: --eval {args.eval} {why}")

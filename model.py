@@ -66,10 +66,12 @@ class Qwen3Config:
         d.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
-    def to_hf_dict(self):
+    def to_hf_dict(self, dtype=torch.float32):
+        """config.json's fields, for weights stored in dtype (transformers 4 reads torch_dtype, 5 dtype)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        name = str(dtype).removeprefix("torch.")
         return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
-                "attention_bias": False, "torch_dtype": "float32", **d}
+                "attention_bias": False, "torch_dtype": name, "dtype": name, **d}
 
 
 # Published Qwen3 shapes (SPEC §1), for random-weight runs with nothing to download: bench.py e2e,
@@ -452,9 +454,10 @@ class Qwen3(nn.Module):
     def save_pretrained(self, path, dtype=None, extra_config=None):
         """Write config.json (with extra_config's fields) + model.safetensors (Hugging Face layout,
         weights in dtype if given), atomically."""
-        state = {"model." + k if not k.startswith("lm_head") else k: t.detach().to(dtype or t.dtype).contiguous().cpu()
+        dtype = dtype or next(self.parameters()).dtype
+        state = {"model." + k if not k.startswith("lm_head") else k: t.detach().to(dtype).contiguous().cpu()
                  for k, t in hf_names(self.state_dict(), self.config).items()}
-        write_folder(path, state, {**self.config.to_hf_dict(), **(extra_config or {})})
+        write_folder(path, state, {**self.config.to_hf_dict(dtype), **(extra_config or {})})
 
 
 # ---- what the scripts share: --help, --device, model folders, the tokenizer, Ctrl-C ----

@@ -296,7 +296,7 @@ def test_paged_reference_ignores_nan_in_unwritten_slots():
 def test_untied_model_saved_by_save_pretrained_loads_in_transformers_with_equal_logits(tmp_path):
     """save_pretrained of an untied model (lm_head its own weight, in Hugging Face's layout: "lm_head.weight",
     not under "model."), weights cast to the dtype asked for: transformers loads it (no weight
-    missing or re-initialised) and its logits equal ours."""
+    missing or re-initialised), its logits equal ours, and dtype="auto" loads the dtype stored."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
     cfg = M.Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -318,6 +318,8 @@ def test_untied_model_saved_by_save_pretrained_loads_in_transformers_with_equal_
     net.save_pretrained(str(tmp_path / "bf16"), torch.bfloat16)
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    for name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):   # config.json names the stored dtype
+        assert AutoModelForCausalLM.from_pretrained(str(tmp_path / name), dtype="auto").dtype == dtype, name
 
 
 def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, capsys):
@@ -386,13 +388,15 @@ def test_model_generate_and_bench_bad_inputs_give_one_line_errors(tmp_path, caps
              ("generate.py", "--device", "tpu", "--device tpu"), ("generate.py", "--device", "cuda:64", "GPUs$"),
              ("generate.py", "--device", "cpu:0", "--device cpu:0: give cpu"),
              ("generate.py", "--kv-memory-fraction", "0", r"--kv-memory-fraction must be in \(0, 1\)"),
-             ("generate.py", "--num-pages", str(10 ** 14), "does not fit in memory"),   # 4.9 EB: fails anywhere
+             ("generate.py", "--num-pages", str(10 ** 14), "does not fit in memory: lower --num-pages "),  # 4.9 EB
              ("generate.py", "--num-pages", "-3", "--num-pages must be >= 1, or 0"),
              ("generate.py --num-pages 9", "--kv-memory-fraction", "0.5", "both size the KV pool: give one"),
              ("generate.py --model " + str(tmp_path), "--attn", "seer", "--attn seer needs gates"),
              ("generate.py --eval /dev/null", "--budget", "64", "--eval takes --eval-attn"),
              ("generate.py --eval /dev/null", "--prompt", "hi", "--eval runs the prompts of its .jsonl"),
              ("generate.py --no-think", "", "", "give --chat too"),
+             ("generate.py --attn dense", "--budget", "0", "choose blocks for a sparse --attn"),
+             ("generate.py --attn dense", "--threshold", "0", "choose blocks for a sparse --attn"),
              ("generate.py --gate " + g16, "--gate", g16, "both for block size 16: give one"),
              ("bench.py e2e", "--hf", "qwen3-8b:8", "--hf qwen3-8b:8"),
              ("bench.py e2e", "--budget", "100", "--budget: positive multiples"),

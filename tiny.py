@@ -277,7 +277,7 @@ def save_folder(net, tok, out, log):
     for name, d in files.items():
         write(name, d)
     net.save_pretrained(out, torch.bfloat16, dict(
-        ids, bos_token_id=None, torch_dtype="bfloat16", dtype="bfloat16", use_cache=True, attention_dropout=0.0,
+        ids, bos_token_id=None, use_cache=True, attention_dropout=0.0,
         initializer_range=0.02, use_sliding_window=False, sliding_window=None,
         max_window_layers=c.num_hidden_layers, rope_scaling=None))
     write("pretrain_log.json", log)                      # after the weights it describes
