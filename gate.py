@@ -113,7 +113,7 @@ def gate_state(model):
 def save_gates(model, path, extra_config=None):
     """Write a gate folder atomically (temp file + rename): config.json and model.safetensors."""
     g = model.layers[0].self_attn.attn_gate
-    cfg = {**model.config.to_hf_dict(), "base_model": getattr(model, "name_or_path", ""),
+    cfg = {**model.config.to_hf_dict(torch.float32), "base_model": getattr(model, "name_or_path", ""),
            "seerattn_gate_block_size": g.block_size, "seerattn_gate_hidden_size": g.dg,
            "seerattn_k_seq_pooling_type": "Kmaxminavg", "seerattn_q_head_pooling_type": "Qproj",
            "seerattn_use_qk_norm": g.attngate_qnorm is not None, "seerattn_use_rope": True,

@@ -97,7 +97,7 @@ def build(dtype, Hq, Hk, D, S, dense, stages):
             alpha = T.alloc_fragment([ROWS], f32)
             l_sum = T.alloc_fragment([ROWS], f32)
             l = T.alloc_fragment([ROWS], f32)
-            ids = T.alloc_shared([CHUNK], T.int32, scope="shared")  # static shared memory, outside the K/V pipeline's pool
+            ids = T.alloc_shared([CHUNK], T.int32, scope="shared")  # static: outside the K/V pipeline's pool
             pages = T.alloc_shared([CHUNK], T.int32, scope="shared")
 
             length = lengths[b]

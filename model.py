@@ -66,7 +66,7 @@ class Qwen3Config:
         d.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
-    def to_hf_dict(self, dtype=torch.float32):
+    def to_hf_dict(self, dtype):
         """config.json's fields, for weights stored in dtype (transformers 4 reads torch_dtype, 5 dtype)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         name = str(dtype).removeprefix("torch.")

@@ -2399,7 +2399,7 @@ def test_parse_prompt_rejects_a_program_score_could_not_judge():
 def test_tiny_cli_bad_inputs_fail_before_training_with_one_line_errors(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     (tmp_path / "noweights").mkdir()                                      # a config.json but no weights
-    (tmp_path / "noweights" / "config.json").write_text(json.dumps(tiny.tiny_config().to_hf_dict()))
+    (tmp_path / "noweights" / "config.json").write_text(json.dumps(tiny.tiny_config().to_hf_dict(torch.bfloat16)))
     small = ["--steps", "1", "--batch", "1", "--seq-len", "256", "--device", "cpu", "--workers", "1"]
     out = str(tmp_path / "o")
     cases = [(["pretrain", "--out", str(tmp_path / "file"), *small], r"--out \S+file is a file, not a folder"),
