@@ -224,7 +224,7 @@ WAVES = 2          # resident programs per SM (registers and shared memory allow
 MIN_PAGES = 2      # fewer pages per program cost more in the combine than they save
 
 
-def get_kernel(dtype, Hq, Hk, D, S, dense, arch="sm_90"):
+def get_kernel(dtype, Hq, Hk, D, S, dense, arch):
     key = (dtype, Hq, Hk, D, S, dense, arch, STAGES)
     if key not in _KERNELS:
         # Every index in build() is clamped by hand, so TileLang's per-load bounds guards are
