@@ -218,8 +218,7 @@ PARTS = {"GEMMs": ("_linear_kernel", "gemm", "nvjet", "splitKreduce"), "attentio
 
 def kernel_profile(fn, layers, step_ms, top=16):
     """One eager call of fn under torch.profiler, its Triton kernels without PDL (whose kernels
-    start early and wait, so their times overlap; TileLang launches the decode kernel's combine,
-    and a sparse call's split kernel, with PDL still) -> lines: kernels per layer, their total time against step_ms
+    start early and wait, so their times overlap) -> lines: kernels per layer, their total time against step_ms
     (a replayed step with PDL: the difference is launch gaps less PDL's overlap), that time
     split by PARTS, and the kernels that take the most."""
     import kernel_step

@@ -19,13 +19,12 @@ tokens past the length, does the online softmax in float32 (exp2, log2(e) folded
 scale) and accumulates P V into [16, D].
 Unwritten slots of the partial last page may hold NaN, so that page's V rows past the length
 are zeroed in shared memory (0 * NaN would be NaN). Each program writes its normalised partial
-output and log-sum-exp to float32 buffers; a combine kernel, launched early through
-programmatic dependent launch, merges the splits with all loads in flight at once. In sparse
-mode the split kernel is launched early too: it starts while the kernel before it (seer's pick,
-which writes the ids) runs, and waits for it first. Qwen3-8B, batch 8 x 32K, seer 4,096, H200
-(2026-11-30): 6.14 -> 6.12 ms a step, in A/B/A runs in three calls; in dense mode, where the q/k
-kernel comes before, the same wait makes the step slower (batch 8 / 16 x 32K: 13.07 -> 13.13 /
-22.0 -> 24.2 ms, 2026-12-03): dense launches plainly.
+output and log-sum-exp to float32 buffers; a combine kernel merges the splits with all loads
+in flight at once. Both kernels launch plainly, not through programmatic dependent launch
+(PDL, as the step's Triton kernels do): with the split waiting for the pick and the combine
+for the split, the Qwen3-8B grid of bench.py e2e hung on the H100 in 4 of 4 runs (a kernel
+spinning at ~125 W; README "Stalls"), and without it ran whole at the same speed (within
+0.03 ms a step; H100, 2026-12-05).
 
 Memory traffic: every selected page slice of K and V once (S*D*2 bytes each, shared by the G
 query heads of the group), plus q, the ids and their block-table entries; the partial buffers
@@ -83,8 +82,6 @@ def build(dtype, Hq, Hk, D, S, dense, stages):
     @T.macro
     def split_kernel(Q, Kp, Vp, table, lengths, blocks, scale, lse_part, o_part):
         with T.Kernel(NS, Hk, B, threads=threads) as (s, h, b):
-            if not dense:  # launched while the pick that writes the ids runs (PDL): wait for it
-                T.pdl_sync()
             q_r = T.alloc_fragment([ROWS, D], dt)
             q_s = T.alloc_shared([ROWS, D], dt)
             k_s = T.alloc_shared([S, D], dt)
@@ -161,8 +158,6 @@ def build(dtype, Hq, Hk, D, S, dense, stages):
                 if i < G:  # an empty share has lse -inf and weighs nothing in the combine
                     lse_part[b, h * G + i, s] = T.if_then_else(
                         l[i] > 0, T.log2(l[i]) + m[i], -T.infinity(f32))
-            T.pdl_trigger()  # the combine kernel may launch (it waits for our writes). (At the programs'
-            # start instead, its programs took SMs the split programs needed: 2.9 -> 237 µs, H200.)
 
     @T.macro
     def combine_kernel(lse_part, o_part, Out):
@@ -172,7 +167,6 @@ def build(dtype, Hq, Hk, D, S, dense, stages):
         with T.Kernel(Hq, B, threads=D) as (hq, b):
             d = T.get_thread_binding()
             lse = T.alloc_local([MAX_SPLITS], f32)
-            T.pdl_sync()  # launched early (programmatic dependent launch): wait here
             lse_max = T.alloc_var(f32)
             total = T.alloc_var(f32)
             acc = T.alloc_var(f32)
