@@ -23,8 +23,9 @@ output and log-sum-exp to float32 buffers; a combine kernel merges the splits wi
 in flight at once. Both kernels launch plainly, not through programmatic dependent launch
 (PDL, as the step's Triton kernels do): with the split waiting for the pick and the combine
 for the split, the Qwen3-8B grid of bench.py e2e hung on the H100 in 4 of 4 runs (a kernel
-spinning at ~125 W; README "Stalls"), and without it ran whole at the same speed (within
-0.03 ms a step; H100, 2026-12-05).
+spinning at ~125 W; README "Stalls"); without it the grid ran whole, each step 0.01-0.04 ms
+slower (H100, 2026-12-05). Alone, sparse mode reading every block at 2^20 tokens is 8% slower
+plain (README, the kernel section).
 
 Memory traffic: every selected page slice of K and V once (S*D*2 bytes each, shared by the G
 query heads of the group), plus q, the ids and their block-table entries; the partial buffers
