@@ -172,8 +172,9 @@ def use_kernel(kind, device, net, page_sizes):
 
 
 def pages_in_memory(net, kv_bytes, page_size, dtype, attn):
-    """Pages that fit in kv_bytes: K and V of every layer, and the pooled keys gate.Selector keeps
-    for attn (seer: max, min, a float32 sum and the gate key; quest: max and min)."""
+    """Pages that fit in kv_bytes with the cache's scratch page: K and V of every layer, and the
+    pooled keys gate.Selector keeps for attn (seer: max, min, a float32 sum and the gate key;
+    quest: max and min)."""
     c, elem = net.config, torch.tensor([], dtype=dtype).element_size()
     D = c.head_dim
     pooled = 0                                                     # bytes per layer, KV head and page
@@ -181,7 +182,7 @@ def pages_in_memory(net, kv_bytes, page_size, dtype, attn):
         pooled = 2 * D * elem + 4 * D + net.layers[0].self_attn.attn_gate.dg * elem
     elif attn == "quest":
         pooled = 2 * D * elem
-    return max(1, kv_bytes // (c.num_hidden_layers * c.num_key_value_heads * (2 * page_size * D * elem + pooled)))
+    return max(1, kv_bytes // (c.num_hidden_layers * c.num_key_value_heads * (2 * page_size * D * elem + pooled)) - 1)
 
 
 def pages_needed(prompts, max_new_tokens, page_size, max_len):
