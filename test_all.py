@@ -2004,6 +2004,9 @@ def test_two_ranks_over_gloo_match_one_process(setup, capsys):
                 *base_args(model, data, d / "two", *cpu), env={**os.environ, "OMP_NUM_THREADS": "1"})
     one, two = read_gates(d / "one"), read_gates(d / "two")
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+    moments = [torch.load(d / run / "train_state.pt", weights_only=True)["optimizer"]["state"] for run in ("one", "two")]
+    for i, m in moments[0].items():          # the gradients' scale, which Adam's steps do not show
+        assert torch.allclose(m["exp_avg"], moments[1][i]["exp_avg"], rtol=1e-3, atol=1e-9), i
 
     def report(text):   # the step's KL, the far-needle count, the recall table's rows
         kl = float(re.search(r"step 3/3 \| KL ([\d.]+)", text).group(1))
