@@ -2355,7 +2355,10 @@ def test_trace_loss_is_the_next_token_cross_entropy_over_the_trace_only():
     want = -lp.gather(-1, ids[:, P:, None]).mean()
     assert abs(loss.item() - want.item()) < 1e-4 * want.item(), (loss.item(), want.item())
     assert hits.shape == (ids.shape[0], T - P)
-    assert (hits == (full[:, P - 1:T - 1].argmax(-1) == ids[:, P:])).float().mean() > 0.99
+    top2 = full[:, P - 1:T - 1].topk(2, -1).values                       # [R, T-P, 2]
+    clear = top2[..., 0] - top2[..., 1] > 1e-3                          # not a near-tie either pass may break
+    assert clear.float().mean() > 0.9
+    assert (hits == (full[:, P - 1:T - 1].argmax(-1) == ids[:, P:]))[clear].all()
 
 
 def test_heldout_accuracy_counts_lookups_steps_and_signs(monkeypatch):
