@@ -287,11 +287,14 @@ def bench_ours(net, B, ctx, attn, budget, steps, profile=False):
 def bench_hf(shape, B, ctx, steps, calls=3):
     """ms per step of dense decode through transformers' generate (sdpa): per cache, one warm-up call,
     then `calls` identical timed calls; a call's time is the median interval between its consecutive
-    new tokens (a logits processor syncs and notes the time at each, so the prefill is not in it),
-    and the cache's is its fastest call's -> {"dynamic": [ms per call], "static": [...]}, the caches
-    that ran. The fastest, because the dynamic cache's calls differ by up to 1.8x, in one process
-    and between processes (40-73 ms at 8B batch 8 x 32K; README)."""
-    from transformers import LogitsProcessor, LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
+    new tokens (a logits processor syncs and notes the time at each), and the cache's is its fastest
+    call's -> {"dynamic": [ms per call], "static": [...]}, the caches that ran. The fastest, because
+    the dynamic cache's calls differ by up to 1.8x, in one process and between processes (40-73 ms
+    at 8B batch 8 x 32K; README). The prompt but its last token is prefilled into the cache first, in
+    chunks of 1,024 positions (generate's one-shot prefill of 8B batch 8 x 32K runs out of memory on
+    an 80 GB H100), and each call's new tokens are cropped off again after it."""
+    from transformers import (DynamicCache, LogitsProcessor, LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM,
+                              StaticCache)
     import model as M
 
     class Clock(LogitsProcessor):
@@ -310,16 +313,24 @@ def bench_hf(shape, B, ctx, steps, calls=3):
     ids = torch.randint(1, cfg.vocab_size, (B, ctx), device="cuda")   # no pad id (0): generate would mask it
     times = {}
     for impl in ("dynamic", "static"):
+        cache = None
         try:
+            cache = DynamicCache(config=cfg) if impl == "dynamic" else StaticCache(config=cfg, max_cache_len=ctx + steps + 1)
+            with torch.no_grad():
+                for start in range(0, ctx - 1, 1024):
+                    pos = torch.arange(start, min(start + 1024, ctx - 1), device="cuda")
+                    hf.model(input_ids=ids[:, pos], past_key_values=cache, cache_position=pos, use_cache=True)
             per_call = []
-            for _ in range(1 + calls):   # the first warms up (allocations, cuBLAS, a static cache's size and compile)
+            for _ in range(1 + calls):   # the first warms up (allocations, cuBLAS, a static cache's compile)
                 clock = Clock()
-                hf.generate(ids, max_new_tokens=1 + steps, min_new_tokens=1 + steps, do_sample=False,
-                            cache_implementation=impl, pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
+                hf.generate(ids, past_key_values=cache, max_new_tokens=1 + steps, min_new_tokens=1 + steps,
+                            do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
+                cache.crop(ctx - 1 - int(cache.get_seq_length()))   # back to the prompt (a negative crop drops)
                 per_call.append(statistics.median(b - a for a, b in zip(clock.times, clock.times[1:])) * 1e3)
             times[impl] = per_call[1:]
         except Exception as e:  # the baseline is optional: report and go on
             print(f"# transformers {impl} cache failed at batch {B}, {ctx}: {type(e).__name__}: {str(e)[:100]}")
+        del cache
         torch.cuda.empty_cache()
     del hf
     torch.cuda.empty_cache()
