@@ -1744,21 +1744,26 @@ def test_resume_after_interruption_gives_identical_gates(setup, monkeypatch):
     assert torch.load(d / "sig" / "train_state.pt", weights_only=True)["step"] == 4
     TG.main(base_args(model, data, d / "sig", "--steps", "6", "--warmup", "2", "--resume"))
     assert_same_gates(full, read_gates(d / "sig"))
-    # a different gate or data setup is refused, saying what differs
+    # a different gate, data or optimizer setup is refused, saying what differs
+    again = ["--steps", "8", "--warmup", "2", "--resume"]
     with pytest.raises(SystemExit, match="--gate-hidden 16 there vs 8 now"):
-        TG.main(base_args(model, data, d / "full", "--steps", "8", "--resume", "--gate-hidden", "8"))
+        TG.main(base_args(model, data, d / "full", *again, "--gate-hidden", "8"))
+    with pytest.raises(SystemExit, match="setup: --warmup 2 there vs 20 now$"):
+        TG.main(base_args(model, data, d / "full", "--steps", "8", "--resume"))
+    with pytest.raises(SystemExit, match=r"setup: --lr 0.001 there vs 0.01 now; --loss-from 0.5 there vs 0.25 now$"):
+        TG.main(base_args(model, data, d / "full", *again, "--lr", "0.01", "--loss-from", "0.25"))
     other = d / "reversed.jsonl"                                        # the same texts in another order
     other.write_text("".join(reversed(open(data).readlines())))
     with pytest.raises(SystemExit, match=r"data \(crc32, sequences\) \[\d+, \d+\] there vs"):
-        TG.main(base_args(model, str(other), d / "full", "--steps", "8", "--resume"))
+        TG.main(base_args(model, str(other), d / "full", *again))
     with pytest.raises(SystemExit, match="already holds a run"):
         TG.main(base_args(model, data, d / "full", "--steps", "8"))
     with pytest.raises(SystemExit, match="is at step 6 already, --steps 6"):   # nothing left to train
-        TG.main(base_args(model, data, d / "full", "--steps", "6", "--resume"))
+        TG.main(base_args(model, data, d / "full", "--steps", "6", "--warmup", "2", "--resume"))
     state = (d / "full" / "train_state.pt").read_bytes()
     (d / "full" / "train_state.pt").write_bytes(state[:len(state) // 2])   # truncated: one line, no traceback
     with pytest.raises(SystemExit, match="train_state.pt is not a readable checkpoint"):
-        TG.main(base_args(model, data, d / "full", "--steps", "8", "--resume"))
+        TG.main(base_args(model, data, d / "full", *again))
 
 
 def test_failed_save_leaves_previous_checkpoint_intact(setup, monkeypatch):

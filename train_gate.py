@@ -316,6 +316,8 @@ def setup_of(model, args, fingerprint):
                                                       "num_key_value_heads", "head_dim", "vocab_size")},
             "--gate-hidden": args.gate_hidden, "--block-size": args.block_size, "qk-norm": not args.no_qk_norm,
             "--seq-len": args.seq_len, "--batch": args.batch, "--seed": args.seed, "packing": not args.no_pack,
+            **{f"--{k.replace('_', '-')}": getattr(args, k) for k in ("lr", "min_lr", "warmup", "weight_decay",
+                                                                       "loss_scale", "loss_from")},
             "data (crc32, sequences)": fingerprint}
 
 
@@ -409,7 +411,8 @@ def parse(argv):
     a("--eval-seqs", type=int, default=4, help="held-out sequences for the recall evaluation (0: none)")
     a("--out", required=True, help="gate folder to write (config.json, model.safetensors, train_state.pt): "
                                   "new or empty, or with --resume the run's own")
-    a("--resume", action="store_true", help="continue the run saved in --out")
+    a("--resume", action="store_true", help="continue the run saved in --out, with its model, data, gate and "
+                                           "optimizer flags (a change is refused, naming it)")
     a("--steps", type=int, default=800, help="optimizer steps (the cosine schedule's length)")
     a("--stop-after", type=int, help="save and stop after this many steps of this run (e.g. a job time limit)")
     a("--batch", type=int, default=16, help="sequences per optimizer step, over all ranks")
