@@ -19,6 +19,7 @@ import functools
 import glob
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -147,7 +148,11 @@ def load_gates(model, path):
     if not state:
         raise FileNotFoundError(f"{path}: no attn_gate weights in any *.safetensors file")
     c = model.config
-    n_layers = 1 + max(int(k.split(".")[2]) for k in state)
+    layer_of = {k: re.match(r"model\.layers\.(\d+)\.self_attn\.attn_gate\.", k) for k in state}
+    odd = [k for k, m in layer_of.items() if m is None]
+    if odd:
+        raise ValueError(f"{path}: {odd[0]}: gate weights must be named model.layers.N.self_attn.attn_gate.*")
+    n_layers = 1 + max(int(m.group(1)) for m in layer_of.values())
     q0 = "model.layers.0.self_attn.attn_gate.attngate_linear_q.weight"
     if q0 not in state or state[q0].dim() != 4:
         raise ValueError(f"{path}: no [Hk, G, D, Dg] weight {q0}")

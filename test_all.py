@@ -1323,6 +1323,7 @@ def test_gate_and_budget_bad_inputs(tmp_path):
             (cfg, {k: v for k, v in good.items() if ".layers.0." not in k}, "no \\[Hk, G, D, Dg\\] weight"),
             (cfg, {k: v for k, v in good.items() if "layers.1.self_attn.attn_gate.attngate_linear_k" not in k},
              "layer 1's gate weights do not fit: .*attngate_linear_k"),
+            (cfg, {k.removeprefix("model."): v for k, v in good.items()}, r": layers\.\d+\.self_attn\.attn_gate\.\S+: gate weights must be named model\.layers\.N"),
             (cfg, b"not a safetensors file", "model.safetensors: cannot read it")):
         (bad / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
         if isinstance(weights, bytes):
