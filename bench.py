@@ -315,7 +315,8 @@ def bench_hf(shape, B, ctx, steps, calls=3):
     for impl in ("dynamic", "static"):
         cache = None
         try:
-            cache = DynamicCache(config=cfg) if impl == "dynamic" else StaticCache(config=cfg, max_cache_len=ctx + steps + 1)
+            cache = (DynamicCache(config=cfg) if impl == "dynamic" else
+                     StaticCache(config=cfg, max_cache_len=ctx + steps + 1))
             with torch.no_grad():
                 for start in range(0, ctx - 1, 1024):
                     pos = torch.arange(start, min(start + 1024, ctx - 1), device="cuda")

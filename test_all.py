@@ -1323,7 +1323,8 @@ def test_gate_and_budget_bad_inputs(tmp_path):
             (cfg, {k: v for k, v in good.items() if ".layers.0." not in k}, "no \\[Hk, G, D, Dg\\] weight"),
             (cfg, {k: v for k, v in good.items() if "layers.1.self_attn.attn_gate.attngate_linear_k" not in k},
              "layer 1's gate weights do not fit: .*attngate_linear_k"),
-            (cfg, {k.removeprefix("model."): v for k, v in good.items()}, r": layers\.\d+\.self_attn\.attn_gate\.\S+: gate weights must be named model\.layers\.N"),
+            (cfg, {k.removeprefix("model."): v for k, v in good.items()},
+             r": layers\.\d+\.self_attn\.attn_gate\.\S+: gate weights must be named model\.layers\.N"),
             (cfg, b"not a safetensors file", "model.safetensors: cannot read it")):
         (bad / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
         if isinstance(weights, bytes):
@@ -2010,7 +2011,8 @@ def test_two_ranks_over_gloo_match_one_process(setup, capsys):
                 *base_args(model, data, d / "two", *cpu), env={**os.environ, "OMP_NUM_THREADS": "1"})
     one, two = read_gates(d / "one"), read_gates(d / "two")
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
-    moments = [torch.load(d / run / "train_state.pt", weights_only=True)["optimizer"]["state"] for run in ("one", "two")]
+    moments = [torch.load(d / run / "train_state.pt", weights_only=True)["optimizer"]["state"]
+               for run in ("one", "two")]
     for i, m in moments[0].items():          # the gradients' scale, which Adam's steps do not show
         assert torch.allclose(m["exp_avg"], moments[1][i]["exp_avg"], rtol=1e-3, atol=1e-9), i
 
