@@ -226,20 +226,6 @@ def test_rms_norm_rounds_as_transformers_does():
         assert torch.equal(M.rms_norm(x, hf.weight, 1e-6), hf(x)), dtype
 
 
-def test_paged_reference_matches_float64_attention():
-    torch.manual_seed(3)
-    B, Hq, Hk, D, S, P = 3, 8, 2, 16, 4, 20
-    q = torch.randn(B, Hq, D)
-    kp, vp = torch.randn(P, S, Hk, D), torch.randn(P, S, Hk, D)
-    lengths = torch.tensor([1, 9, 16], dtype=torch.int32)
-    table = torch.stack([torch.randperm(P)[:4] for _ in range(B)]).int()
-    blocks = torch.tensor([[[0, -1], [-1, 0]], [[2, 0], [1, -1]], [[3, 1], [-1, 2]]], dtype=torch.int32)
-    for sel in (None, blocks):
-        out = M.decode_attention_ref(q, kp, vp, table, lengths, sel)
-        torch.testing.assert_close(out.double(), reference_decode(q, kp, vp, table, lengths, sel, D ** -0.5),
-                                   atol=1e-5, rtol=0)
-
-
 def run_cli(*args, fails_with=None, env=None):
     """python *args in the repo's folder, a new process as a user runs it -> CompletedProcess. It must
     exit 0; or, given fails_with (a regex), stop on bad input as the scripts promise: a non-zero exit,
@@ -271,15 +257,15 @@ def run_script(capsys, script, *args):
     return code, out, err + (code if isinstance(code, str) else "")
 
 
-def test_paged_reference_ignores_nan_in_unwritten_slots():
-    """Slots past a sequence's length (the rest of its last page, and the pages its table row is padded
-    with) hold whatever was there: NaN here. decode_attention_ref, dense and sparse, equals the float64
-    attention over the written tokens only."""
+def test_paged_reference_matches_float64_attention_and_ignores_nan_in_unwritten_slots():
+    """decode_attention_ref, dense and sparse (GQA groups of 4), equals the float64 attention over
+    the written tokens only: slots past a sequence's length (the rest of its last page, and the
+    pages its table row is padded with) hold whatever was there, NaN here."""
     torch.manual_seed(13)
-    B, Hq, Hk, D, S, P = 3, 4, 2, 16, 4, 12
+    B, Hq, Hk, D, S, P = 3, 8, 2, 16, 4, 12
     q = torch.randn(B, Hq, D)
     kp, vp = torch.randn(P, S, Hk, D), torch.randn(P, S, Hk, D)
-    lengths = torch.tensor([3, 9, 14], dtype=torch.int32)
+    lengths = torch.tensor([1, 9, 14], dtype=torch.int32)
     table = torch.tensor([[0, 11, 11, 11], [1, 2, 3, 11], [4, 5, 6, 7]], dtype=torch.int32)   # 11: padding
     for b, n in enumerate(lengths.tolist()):
         last = table[b, (n - 1) // S]
@@ -733,17 +719,27 @@ def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D
     norm times the weight, then RoPE at each token's position; K (post-RoPE) and V land in the
     given slots and nowhere else; the share is the normed query head @ its slice of the gate's
     Wq. 21 tokens: making shares, the kernel takes 16 a program (the second one's mostly masked),
-    else one."""
+    else one. Pages and Wq together (decode) give the same outputs, and leave slot 0 alone."""
     torch.manual_seed(D)
     N, P, S, theta, eps = 21, 4, 8, 1e4, 1e-6
     qkv = (3 * torch.randn(N, (hq + 2 * hk) * D, device=DEV)).bfloat16()
     q_norm, k_norm = (torch.empty(D, device=DEV).uniform_(0.5, 1.5).bfloat16() for _ in range(2))
     pos = torch.tensor([0, 3, 17, 100, 4000] + list(range(200, 216)), device=DEV)
     cos, sin = M.cos_sin(pos, D, theta, torch.bfloat16)
-    k_pages, v_pages = (torch.full((P, S, hk, D), 7.0, device=DEV, dtype=torch.bfloat16) for _ in range(2))
-    slots = torch.randperm(P * S, device=DEV)[:N]
-    q, k, qr, kr, v, none = KS.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages,
-                                                   slots)
+
+    def run(slots=None, wq=None):   # -> q, k, qr, kr, v, shares; given slots, into fresh pages of 7s
+        if slots is None:
+            return KS.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, wq=wq)
+        k_pages, v_pages = (torch.full((P, S, hk, D), 7.0, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+        outs = KS.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages, slots, wq)
+        k_flat, v_flat = k_pages.view(-1, hk, D), v_pages.view(-1, hk, D)
+        assert torch.equal(k_flat[slots], outs[3]) and torch.equal(v_flat[slots], outs[4])   # kr, v
+        others = torch.ones(P * S, dtype=torch.bool, device=DEV)
+        others[slots] = False
+        assert (k_flat[others] == 7).all() and (v_flat[others] == 7).all()
+        return outs
+
+    q, k, qr, kr, v, none = run(torch.randperm(P * S, device=DEV)[:N])
     x = qkv.double().view(N, hq + 2 * hk, D)
     q64, k64 = rms_norm64(x[:, :hq], q_norm, eps), rms_norm64(x[:, hq:hq + hk], k_norm, eps)
     at = pos.double()[:, None, None]
@@ -751,41 +747,11 @@ def test_qk_norm_rope_kernel_matches_float64_and_writes_the_page_slots(hq, hk, D
         assert ((got.double() - want).abs().max() / want.abs().max()).item() < 2e-2   # bf16: ~2 ulps
     assert torch.equal(v, x[:, hq + hk:].bfloat16()) and none is None                # V: qkv's last hk heads
     wq = GT.AttnGate(hk, hq // hk, D, 32, S, True, theta).to(DEV, torch.bfloat16).attngate_linear_q.weight
-    *no_pages, shares = KS.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, wq=wq)   # no cache
-    assert all(torch.equal(a, b) for a, b in zip(no_pages, (q, k, qr, kr, v)))   # as above, 16 tokens a program
     want = torch.einsum("nhd,hde->nhe", q.double(), wq.double().view(hq, D, 32))   # of the bf16 normed q
-    assert shares.dtype == torch.float32 and torch.allclose(shares.double(), want, rtol=1e-5, atol=1e-5)
-    k_flat, v_flat = k_pages.view(-1, hk, D), v_pages.view(-1, hk, D)
-    assert torch.equal(k_flat[slots], kr) and torch.equal(v_flat[slots], v)
-    others = torch.ones(P * S, dtype=torch.bool, device=DEV)
-    others[slots] = False
-    assert (k_flat[others] == 7).all() and (v_flat[others] == 7).all()
-
-
-@needs_triton
-def test_qk_norm_rope_kernel_with_pages_and_shares_writes_only_the_live_tokens_slots():
-    """The decode configuration: K/V pages and the gate's Wq together (16 tokens a program, 21 tokens: the
-    second program mostly dead rows). K (post-RoPE, float64 reference) and V land in their slots; every
-    other slot, slot 0 included, is untouched."""
-    torch.manual_seed(16)
-    hq, hk, D, N, P, S, theta, eps = 4, 2, 64, 21, 4, 8, 1e4, 1e-6
-    qkv = (3 * torch.randn(N, (hq + 2 * hk) * D, device=DEV)).bfloat16()
-    q_norm, k_norm = (torch.empty(D, device=DEV).uniform_(0.5, 1.5).bfloat16() for _ in range(2))
-    pos = torch.arange(N, device=DEV) + 5
-    cos, sin = M.cos_sin(pos, D, theta, torch.bfloat16)
-    k_pages, v_pages = (torch.full((P, S, hk, D), 7.0, device=DEV, dtype=torch.bfloat16) for _ in range(2))
-    slots = 1 + torch.randperm(P * S - 1, device=DEV)[:N]                  # slot 0 never given
-    wq = GT.AttnGate(hk, hq // hk, D, 32, S, True, theta).to(DEV, torch.bfloat16).attngate_linear_q.weight
-    q, k, qr, kr, v, shares = KS.qk_norm_rope_kernel(qkv, q_norm, k_norm, cos, sin, hq, hk, eps, k_pages, v_pages,
-                                                     slots, wq)
-    x = qkv.double().view(N, hq + 2 * hk, D)
-    kr64 = rope64(rms_norm64(x[:, hq:hq + hk], k_norm, eps), pos.double()[:, None, None], theta)
-    k_flat, v_flat = k_pages.view(-1, hk, D), v_pages.view(-1, hk, D)
-    assert ((k_flat[slots].double() - kr64).abs().max() / kr64.abs().max()).item() < 2e-2
-    assert torch.equal(v_flat[slots], x[:, hq + hk:].bfloat16()) and shares.shape == (N, hq, 32)
-    others = torch.ones(P * S, dtype=torch.bool, device=DEV)
-    others[slots] = False
-    assert others[0] and (k_flat[others] == 7).all() and (v_flat[others] == 7).all()
+    for slots in (None, 1 + torch.randperm(P * S - 1, device=DEV)[:N]):   # no cache; decode (slot 0 never given)
+        *outs, shares = run(slots, wq)                                    # 16 tokens a program
+        assert all(torch.equal(a, b) for a, b in zip(outs, (q, k, qr, kr, v)))
+        assert shares.dtype == torch.float32 and torch.allclose(shares.double(), want, rtol=1e-5, atol=1e-5)
 
 
 # ---- the gate, pooled keys and selectors (gate.py, and kernel_step.seer_pick) ----
