@@ -586,9 +586,19 @@ def folder_contents(folder):
     return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "") if names else None
 
 
+def fsync(path):
+    """Flush a file's data, or a folder's entries, to the disk: a rename after the first and the
+    second then survive a power loss, not only a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_folder(path, state, config):
-    """config.json and model.safetensors into folder path, each through a temp file and a rename,
-    so a failed write leaves the old file whole (and no temp file behind). The weights get
+    """config.json and model.safetensors into folder path, each through a temp file, fsync and a
+    rename, so a failed write leaves the old file whole (and no temp file behind). The weights get
     config.json's permissions (safetensors' save_file makes its file owner-only)."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
@@ -598,8 +608,10 @@ def write_folder(path, state, config):
             json.dump(config, f, indent=2)
         save_file(state, tmp, metadata={"format": "pt"})
         os.chmod(tmp, os.stat(cfg_tmp).st_mode)
+        fsync(tmp), fsync(cfg_tmp)
         os.replace(tmp, os.path.join(path, "model.safetensors"))
         os.replace(cfg_tmp, os.path.join(path, "config.json"))
+        fsync(path)
     except BaseException:
         for t in (tmp, cfg_tmp):
             if os.path.exists(t):
