@@ -1243,24 +1243,27 @@ def test_attached_and_loaded_gates_rotate_with_the_models_rope_theta(tmp_path):
     assert [l.self_attn.attn_gate.rope_theta for l in other.layers] == [10000.0, 10000.0]
 
 
-def test_selector_refuses_a_missing_or_zero_budget_and_a_threshold_outside_0_1(tmp_path):
+def test_selector_refuses_bad_budgets_and_thresholds_saying_what_would_do(tmp_path):
     """A budget of 0 would fall into the threshold path (k = 0) with threshold 0 and keep every block;
     a threshold of 0 keeps every block too, one of 1 none. Quest, oracle and window have no threshold
-    mode: without a budget they are refused."""
+    mode: without a budget they are refused. A budget off the block grid gets the nearest that is on it."""
     net = gated_model(tmp_path / "m")
     cache = M.PagedKVCache(net.config, 8, 8)
-    for attn in ("seer", "quest", "window"):
-        with pytest.raises(ValueError, match="positive multiple of the block size 8"):
-            GT.Selector(attn, net, cache, 0)
-    for t in (0.0, 1.0, -0.1):
-        with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
-            GT.Selector("seer", net, cache, threshold=t)
-    for attn in ("quest", "oracle", "window"):
-        with pytest.raises(ValueError, match=f"--attn {attn} needs a token budget"):
-            GT.Selector(attn, net, cache)
+    cases = [(attn, (0,), {}, "positive multiple of the block size 8") for attn in ("seer", "quest", "window")]
+    cases += [("seer", (), {"threshold": t}, r"threshold must be in \(0, 1\)") for t in (0.0, 1.0, -0.1, 1.5)]
+    cases += [(attn, (), {}, f"--attn {attn} needs a token budget") for attn in ("quest", "oracle", "window")]
+    cases += [("seer", (22,), {}, "multiple of the block size 8; try 24"), ("quest", (3,), {}, "try 8"),
+              ("seer", (16, 0.1), {}, "not both")]
+    for attn, args, kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            GT.Selector(attn, net, cache, *args, **kw)
+    with pytest.raises(ValueError, match="block size 8 != page size 16"):
+        GT.Selector("seer", net, M.PagedKVCache(net.config, 8, 16), 32)
+    with pytest.raises(ValueError, match="needs gates"):
+        GT.Selector("seer", M.Qwen3.from_pretrained(str(tmp_path / "m")), cache, 16)
 
 
-def test_gate_and_budget_bad_inputs(tmp_path):
+def test_gate_folders_that_do_not_fit_or_are_broken_fail_with_one_sentence(tmp_path):
     net = gated_model(tmp_path / "m")
     net.name_or_path = str(tmp_path / "m")                 # as train_gate.py names the base model
     GT.save_gates(net, str(tmp_path / "g"))
@@ -1300,21 +1303,6 @@ def test_gate_and_budget_bad_inputs(tmp_path):
         with pytest.raises(ValueError, match=match):
             GT.load_gates(target, str(bad))
         assert all(torch.equal(v, kept[k]) for k, v in GT.gate_state(target).items())   # its gates as they were
-    cache = M.PagedKVCache(net.config, 8, 16)
-    with pytest.raises(ValueError, match="block size 8 != page size 16"):
-        GT.Selector("seer", net, cache, 32)
-    cache = M.PagedKVCache(net.config, 8, 8)
-    with pytest.raises(ValueError, match="multiple of the block size 8; try 24"):
-        GT.Selector("seer", net, cache, 22)
-    with pytest.raises(ValueError, match="try 8"):
-        GT.Selector("quest", net, cache, 3)
-    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
-        GT.Selector("seer", net, cache, threshold=1.5)
-    with pytest.raises(ValueError, match="not both"):
-        GT.Selector("seer", net, cache, 16, 0.1)
-    plain = M.Qwen3.from_pretrained(str(tmp_path / "m"))
-    with pytest.raises(ValueError, match="needs gates"):
-        GT.Selector("seer", plain, cache, 16)
 
 
 # ---- the CUDA-graph decode path (generate.GraphRunner) ----
