@@ -586,20 +586,24 @@ def folder_contents(folder):
     return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "") if names else None
 
 
-def fsync(path):
-    """Flush a file's data, or a folder's entries, to the disk: a rename after the first and the
-    second then survive a power loss, not only a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def replace_file(tmp, path):
+    """Rename the written file tmp to path, its data flushed to the disk first and the folder's
+    entry after: a crash or a power loss then leaves the old file or the new one, whole."""
+    def sync(p):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    sync(tmp)
+    os.replace(tmp, path)
+    sync(os.path.dirname(path) or ".")
 
 
 def write_folder(path, state, config):
-    """config.json and model.safetensors into folder path, each through a temp file, fsync and a
-    rename, so a failed write leaves the old file whole (and no temp file behind). The weights get
-    config.json's permissions (safetensors' save_file makes its file owner-only)."""
+    """config.json and model.safetensors into folder path, each through a temp file and
+    replace_file, so a failed write leaves the old file whole (and no temp file behind). The
+    weights get config.json's permissions (safetensors' save_file makes its file owner-only)."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     cfg_tmp, tmp = os.path.join(path, "config.json.tmp"), os.path.join(path, "model.safetensors.tmp")
@@ -608,10 +612,8 @@ def write_folder(path, state, config):
             json.dump(config, f, indent=2)
         save_file(state, tmp, metadata={"format": "pt"})
         os.chmod(tmp, os.stat(cfg_tmp).st_mode)
-        fsync(tmp), fsync(cfg_tmp)
-        os.replace(tmp, os.path.join(path, "model.safetensors"))
-        os.replace(cfg_tmp, os.path.join(path, "config.json"))
-        fsync(path)
+        replace_file(tmp, os.path.join(path, "model.safetensors"))
+        replace_file(cfg_tmp, os.path.join(path, "config.json"))
     except BaseException:
         for t in (tmp, cfg_tmp):
             if os.path.exists(t):

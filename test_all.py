@@ -1313,6 +1313,7 @@ def test_cuda_graph_replay_equals_eager_decode(tmp_path, attn):
     net = gated_model(tmp_path).cuda()
     torch.manual_seed(8)
     prompts = [torch.randint(0, 127, (n,)).tolist() for n in (3, 17, 30)]   # ragged, pages of 8 fill mid-run
+
     def run(attn, budget, graphs):
         cache = M.PagedKVCache(net.config, 64, 8, "cuda")
         sel = GT.Selector(attn, net, cache, budget)

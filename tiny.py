@@ -270,8 +270,7 @@ def save_folder(net, tok, out, log):
         try:
             with open(path + ".tmp", "w") as f:
                 f.write(d if isinstance(d, str) else json.dumps(d, indent=2))
-            M.fsync(path + ".tmp")
-            os.replace(path + ".tmp", path)
+            M.replace_file(path + ".tmp", path)
         finally:
             if os.path.exists(path + ".tmp"):
                 os.remove(path + ".tmp")

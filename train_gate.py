@@ -323,8 +323,8 @@ def setup_of(model, args, fingerprint):
 
 def save_checkpoint(model, opt, step, args, setup):
     """train_state.pt (gates, optimizer, step; the data order follows from step and --seed) + the
-    gate folder; each file via temp, fsync + rename, the state renamed last, so a failed write leaves the
-    previous state whole (a resume takes its gates from the state, not from the gate folder)."""
+    gate folder; each file via temp + model.replace_file, the state renamed last, so a failed write
+    leaves the previous state whole (a resume takes its gates from the state, not from the gate folder)."""
     path, tmp = os.path.join(args.out, "train_state.pt"), os.path.join(args.out, "train_state.pt.tmp")
     state = {"step": step, "setup": setup, "gates": {k: v.detach().cpu() for k, v in GT.gate_state(model).items()},
              "optimizer": opt.state_dict()}
@@ -332,9 +332,7 @@ def save_checkpoint(model, opt, step, args, setup):
         os.makedirs(args.out, exist_ok=True)
         torch.save(state, tmp)
         GT.save_gates(model, args.out, {"train_step": step})
-        M.fsync(tmp)
-        os.replace(tmp, path)
-        M.fsync(args.out)
+        M.replace_file(tmp, path)
     except Exception as e:   # OSError, or torch.save's / safetensors' own error on a full disk
         if os.path.exists(tmp):                                          # (write_folder cleans up its own)
             os.remove(tmp)
